@@ -1,0 +1,195 @@
+"""Turn any Hugging Face decoder-only model into a bidirectional one, in place, without copying model code.
+
+transformers 5.x routes every modern decoder's mask through ``masking_utils.create_causal_mask`` (and its
+sliding-window / chunked siblings), which fall back to a padding-only bidirectional mask when
+``config.is_causal`` is ``False``. Attention kernels (SDPA without a mask, flash attention) additionally read
+``module.is_causal``. Flipping both is therefore enough for every architecture that uses the shared masking
+utilities; :func:`check_bidirectional` proves it on the actual model and raises for the rest, so a model is
+never silently left causal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = [
+    "UnsupportedArchitectureError",
+    "make_bidirectional",
+    "make_causal",
+    "is_bidirectional",
+    "check_bidirectional",
+    "causal_attention",
+    "architecture_name",
+]
+
+_FLAG = "_l2v_causal_modules"
+_UNSUPPORTED_ATTN = {"flex_attention"}
+
+
+class UnsupportedArchitectureError(RuntimeError):
+    """Raised when a model cannot be made bidirectional by the generic mechanism."""
+
+
+def architecture_name(model: nn.Module) -> str:
+    """The architecture a user would recognise (``LlamaForCausalLM``), looking through PEFT wrappers."""
+    config = getattr(_unwrap(model), "config", None)
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return str(archs[0])
+    model_type = getattr(config, "model_type", None)
+    return f"{type(_unwrap(model)).__name__}" + (f" (model_type={model_type!r})" if model_type else "")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Return the transformers model under PEFT wrappers (PeftModel -> LoraModel -> PreTrainedModel)."""
+    seen = 0
+    while seen < 4 and hasattr(model, "get_base_model") and callable(model.get_base_model):
+        inner = model.get_base_model()
+        if inner is model:
+            break
+        model, seen = inner, seen + 1
+    return model
+
+
+def _configs(model: nn.Module) -> list:
+    """Every config object reachable from the model's submodules (text sub-configs included), deduplicated."""
+    out, ids = [], set()
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and hasattr(cfg, "to_dict") and id(cfg) not in ids:
+            ids.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+
+
+def _check_supported(model: nn.Module) -> None:
+    base = _unwrap(model)
+    config = getattr(base, "config", None)
+    name = architecture_name(model)
+    if config is None:
+        raise UnsupportedArchitectureError(f"{name}: not a Hugging Face transformers model (no .config).")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"{name}: encoder-decoder models are not supported; l2v needs a decoder-only model "
+            "(Llama, Mistral, Qwen, Gemma, Phi, GPT-2, ...)."
+        )
+    impl = getattr(config, "_attn_implementation", None)
+    if impl in _UNSUPPORTED_ATTN:
+        raise UnsupportedArchitectureError(
+            f"{name}: attention implementation {impl!r} is not supported for bidirectional attention; "
+            "load the model with attn_implementation='sdpa' or 'eager'."
+        )
+    if not _attention_modules(base):
+        raise UnsupportedArchitectureError(
+            f"{name}: no attention module exposes `is_causal`, so this architecture does not use the shared "
+            "transformers attention path and cannot be made bidirectional generically."
+        )
+
+
+def make_bidirectional(model: nn.Module, check: bool = True) -> nn.Module:
+    """Enable bidirectional attention on ``model`` in place and return it.
+
+    Works on a ``PreTrainedModel`` or a PEFT-wrapped one. With ``check=True`` a two-token probe proves the first
+    token now sees the last one; an architecture whose mask is built elsewhere raises
+    :class:`UnsupportedArchitectureError` naming it (and the model is restored to causal).
+    """
+    base = _unwrap(model)
+    if is_bidirectional(base):
+        return model
+    _check_supported(base)
+    changed = [m for m in _attention_modules(base) if m.is_causal]
+    configs = _configs(base)
+    previous = [(cfg, getattr(cfg, "is_causal", None)) for cfg in configs]
+    for m in changed:
+        m.is_causal = False
+    for cfg in configs:
+        cfg.is_causal = False
+    setattr(base, _FLAG, (changed, previous))
+    if check and not check_bidirectional(base):
+        make_causal(base)
+        raise UnsupportedArchitectureError(
+            f"{architecture_name(base)}: attention stayed causal after enabling bidirectional attention "
+            "(its mask is not built by transformers' shared masking utilities). This architecture is not "
+            "supported by l2v's generic mechanism."
+        )
+    return model
+
+
+def make_causal(model: nn.Module) -> nn.Module:
+    """Undo :func:`make_bidirectional`, restoring the flags it changed."""
+    base = _unwrap(model)
+    state = getattr(base, _FLAG, None)
+    if state is None:
+        return model
+    changed, previous = state
+    for m in changed:
+        m.is_causal = True
+    for cfg, value in previous:
+        if value is None:
+            if "is_causal" in cfg.__dict__:
+                del cfg.__dict__["is_causal"]
+        else:
+            cfg.is_causal = value
+    delattr(base, _FLAG)
+    return model
+
+
+def is_bidirectional(model: nn.Module) -> bool:
+    """Whether :func:`make_bidirectional` is in effect on this model."""
+    return getattr(_unwrap(model), _FLAG, None) is not None
+
+
+@contextmanager
+def causal_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily run a bidirectional model causally (for ablations); restored on exit."""
+    was_bi = is_bidirectional(model)
+    if was_bi:
+        make_causal(model)
+    try:
+        yield model
+    finally:
+        if was_bi:
+            make_bidirectional(model, check=False)
+
+
+def _probe_ids(model: nn.Module, length: int) -> torch.Tensor:
+    config = _unwrap(model).config
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = int(getattr(text_cfg, "vocab_size", 0) or 0)
+    if vocab < 8:
+        raise UnsupportedArchitectureError(f"{architecture_name(model)}: config has no usable vocab_size.")
+    gen = torch.Generator().manual_seed(0)
+    # Stay clear of the first ids, where special tokens usually live.
+    low = min(10, vocab // 2)
+    return torch.randint(low, vocab, (1, length), generator=gen)
+
+
+@torch.inference_mode()
+def check_bidirectional(model: nn.Module, length: int = 6) -> bool:
+    """Return True iff changing the last token changes the first token's hidden state.
+
+    A causal model cannot pass this: the first position never attends to later ones.
+    """
+    base = _unwrap(model)
+    ids = _probe_ids(base, length)
+    device = next(base.parameters()).device
+    ids = ids.to(device)
+    changed = ids.clone()
+    changed[0, -1] = ids[0, -1] - 1 if ids[0, -1] > ids[0, 0] else ids[0, -1] + 1
+    was_training = base.training
+    base.eval()
+    try:
+        both = torch.cat([ids, changed], dim=0)
+        out = base(input_ids=both, attention_mask=torch.ones_like(both), output_hidden_states=True)
+    finally:
+        base.train(was_training)
+    first = out.hidden_states[-1][:, 0].float()
+    return not torch.allclose(first[0], first[1], atol=1e-6, rtol=0)

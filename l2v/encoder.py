@@ -1,0 +1,451 @@
+"""The Encoder: text (or ``(instruction, text)``) -> tokens -> bidirectional decoder -> pooled vector.
+
+Instructions are tokenised separately from the text and concatenated as token ids, so the pooled positions are
+exactly the text's tokens (no string separators). Texts are batched by length and returned in input order.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bidirectional import is_bidirectional, make_bidirectional
+from .checkpoints import (
+    L2V_CONFIG,
+    L2VConfig,
+    check_safe_weights,
+    is_default_model,
+    resolve_model_path,
+)
+from .pooling import check_pooling, pool
+
+Text = str
+Item = str | tuple[str, str] | list[str]
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matmul (AVX512-BF16 or AMX), where bf16 is ~4x faster than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto": bf16 where the hardware runs it natively, else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_supports_bf16():
+            return torch.bfloat16
+        return torch.float32
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+             "fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "float": torch.float32}
+    if str(dtype).lower() not in names:
+        raise ValueError(f"dtype={dtype!r} is not supported; use 'auto', 'bfloat16', 'float16' or 'float32'.")
+    return names[str(dtype).lower()]
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def normalize_inputs(sentences: Any, instruction: str | None = None) -> tuple[list[str], list[str | None], bool]:
+    """Validate ``encode`` input into parallel lists of texts and instructions.
+
+    Returns ``(texts, instructions, single)`` where ``single`` means the caller passed one string.
+    """
+    if instruction is not None and not isinstance(instruction, str):
+        raise TypeError(f"instruction must be a string or None, got {type(instruction).__name__}.")
+    if isinstance(sentences, str):
+        return [sentences], [instruction], True
+    if sentences is None:
+        raise TypeError("sentences must be a string or a list of strings / (instruction, text) pairs, got None.")
+    if isinstance(sentences, (bytes, dict)) or not isinstance(sentences, Sequence | Iterator | np.ndarray):
+        raise TypeError(
+            f"sentences must be a string or a list of strings / (instruction, text) pairs, "
+            f"got {type(sentences).__name__}."
+        )
+    texts: list[str] = []
+    instructions: list[str | None] = []
+    for i, item in enumerate(sentences):
+        if isinstance(item, np.str_):
+            item = str(item)
+        if isinstance(item, str):
+            texts.append(item)
+            instructions.append(instruction)
+        elif isinstance(item, (list, tuple)):
+            if len(item) != 2:
+                raise ValueError(
+                    f"sentences[{i}]: expected an (instruction, text) pair of 2 strings, got {len(item)} items."
+                )
+            instr, text = item
+            if not isinstance(instr, str) or not isinstance(text, str):
+                raise TypeError(
+                    f"sentences[{i}]: (instruction, text) must both be strings, got "
+                    f"({type(instr).__name__}, {type(text).__name__})."
+                )
+            texts.append(text)
+            instructions.append(instr if instr else instruction)
+        else:
+            raise TypeError(
+                f"sentences[{i}]: expected a string or an (instruction, text) pair, got {type(item).__name__}."
+            )
+    return texts, instructions, False
+
+
+@dataclass
+class Tokenized:
+    """One text ready for batching: ids plus the span [start, end) of the text's own tokens."""
+
+    ids: list[int]
+    start: int
+    end: int
+    truncated: bool = False
+
+
+class Encoder(nn.Module):
+    """An LLM turned text encoder: ``Encoder.from_pretrained(...).encode(texts)``.
+
+    ``pooling``: "mean" (default), "weighted_mean", "last_token" / "eos" (an EOS token is appended) or "bos".
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        pooling: str = "mean",
+        max_length: int = 512,
+        name: str | None = None,
+        base_model: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = check_pooling(pooling)
+        if not isinstance(max_length, int) or max_length < 4:
+            raise ValueError(f"max_length must be an integer >= 4, got {max_length!r}.")
+        self.max_length = max_length
+        self.name = name
+        self.base_model = base_model
+        self.padding_side = getattr(tokenizer, "padding_side", "right") or "right"
+        self._prefix, self._suffix = self._special_tokens()
+        self._pad_id = self._pick_pad_id()
+        self._takes_position_ids = "position_ids" in inspect.signature(self._forward_target().forward).parameters
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike | None = None,
+        adapter: str | os.PathLike | None = None,
+        pooling: str | None = None,
+        bidirectional: bool | None = None,
+        max_length: int | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = None,
+        attn_implementation: str | None = "sdpa",
+        allow_pickle: bool = False,
+        merge_adapter: bool = True,
+    ) -> Encoder:
+        """Load a model as an encoder.
+
+        ``model``: ``None``/"smollm2-135m" (embedded default), a local directory (plain transformers model, or an
+        l2v encoder directory whose ``l2v_config.json`` supplies every other argument), or a hub id.
+        ``adapter``: a PEFT adapter directory applied on top (merged into the weights by default).
+        Arguments left as ``None`` come from ``l2v_config.json`` when present, else the defaults
+        (mean pooling, bidirectional, max_length 512).
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_model_path(model)
+        cfg = L2VConfig.load(path) if (Path(path) / L2V_CONFIG).is_file() else None
+        weights_path, adapters = path, []
+        if cfg is not None:
+            has_weights = (Path(path) / "config.json").is_file()
+            if not has_weights:
+                weights_path = resolve_model_path(cfg.base_model)
+            if cfg.adapter:
+                adapter_dir = Path(path) / cfg.adapter
+                adapters.append(str(adapter_dir if adapter_dir.exists() else cfg.adapter))
+        elif (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+            adapters.append(path)
+            weights_path = resolve_model_path(_adapter_base(path))
+        if adapter is not None:
+            adapters.append(str(adapter))
+
+        pooling = pooling or (cfg.pooling if cfg else "mean")
+        bidirectional = bidirectional if bidirectional is not None else (cfg.bidirectional if cfg else True)
+        max_length = max_length or (cfg.max_length if cfg else 512)
+        dev = torch.device(device) if device is not None else default_device()
+        torch_dtype = resolve_dtype(dtype, dev)
+
+        check_safe_weights(weights_path, allow_pickle=allow_pickle)
+        kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        if allow_pickle:
+            kwargs["use_safetensors"] = None
+        tok_path = path if _has_tokenizer(path) else weights_path
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        net = AutoModel.from_pretrained(weights_path, **kwargs)
+        for adapter_path in adapters:
+            net = _apply_adapter(net, adapter_path, merge=merge_adapter)
+        net.to(dev).eval()
+        if bidirectional:
+            make_bidirectional(net)
+        base_name = cfg.base_model if cfg and cfg.base_model else (
+            "smollm2-135m" if is_default_model(None if model is None else str(model)) else str(model))
+        return cls(net, tokenizer, pooling=pooling, max_length=max_length,
+                   name=str(model) if model is not None else "smollm2-135m", base_model=base_name)
+
+    def save_pretrained(self, directory: str | os.PathLike, **extra: Any) -> Path:
+        """Save weights (safetensors), tokenizer and ``l2v_config.json``; reload with ``from_pretrained(dir)``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        net = self.model
+        if hasattr(net, "merge_and_unload"):
+            net = net.merge_and_unload()
+        net.save_pretrained(out, safe_serialization=True)
+        _strip_is_causal(out / "config.json")
+        self.tokenizer.save_pretrained(out)
+        L2VConfig(base_model=self.base_model, pooling=self.pooling, bidirectional=self.bidirectional,
+                  max_length=self.max_length, extra=extra).save(out)
+        return out
+
+    # --------------------------------------------------------------- properties
+    @property
+    def bidirectional(self) -> bool:
+        return is_bidirectional(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def dim(self) -> int:
+        cfg = self._forward_target().config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return int(getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd)
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.dim
+
+    # ------------------------------------------------------------- tokenization
+    def _forward_target(self) -> nn.Module:
+        net = self.model
+        return net.get_base_model() if hasattr(net, "get_base_model") else net
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer adds around any text (e.g. BOS), found by diffing with/without specials."""
+        tok = self.tokenizer
+        plain = tok("a", add_special_tokens=False)["input_ids"]
+        full = tok("a", add_special_tokens=True)["input_ids"]
+        prefix, suffix = [], []
+        for i in range(len(full) - len(plain) + 1):
+            if full[i:i + len(plain)] == plain:
+                prefix, suffix = full[:i], full[i + len(plain):]
+                break
+        eos = tok.eos_token_id
+        if self.pooling in ("last_token", "eos") and eos is not None and (not suffix or suffix[-1] != eos):
+            suffix = suffix + [eos]
+        return list(prefix), list(suffix)
+
+    def _pick_pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def tokenize_one(self, text: str, instruction: str | None = None) -> Tokenized:
+        """Token ids of ``[specials] instruction text [specials]`` and where the text's tokens are."""
+        tok = self.tokenizer
+        instr_ids = tok(instruction, add_special_tokens=False)["input_ids"] if instruction else []
+        text_ids = tok(text, add_special_tokens=False)["input_ids"] if text else []
+        budget = self.max_length - len(self._prefix) - len(self._suffix) - len(instr_ids)
+        if budget < 1:
+            raise ValueError(
+                f"instruction is {len(instr_ids)} tokens, leaving no room for text within max_length="
+                f"{self.max_length}: {instruction[:60]!r}"
+            )
+        truncated = len(text_ids) > budget
+        text_ids = text_ids[:budget]
+        start = len(self._prefix) + len(instr_ids)
+        ids = self._prefix + instr_ids + text_ids + self._suffix
+        end = start + len(text_ids)
+        if not text_ids:
+            # Empty text: pool over the special tokens so the vector is defined; with none, one pad token.
+            if not self._prefix and not self._suffix:
+                ids = instr_ids + [self._pad_id]
+                start, end = len(instr_ids), len(instr_ids) + 1
+            else:
+                start, end = -1, -1
+        return Tokenized(ids=ids, start=start, end=end, truncated=truncated)
+
+    def collate(self, items: Sequence[Tokenized]) -> dict[str, torch.Tensor]:
+        """Pad to the batch maximum on ``self.padding_side``; build attention, pooling masks and positions."""
+        longest = max(len(t.ids) for t in items)
+        n = len(items)
+        ids = torch.full((n, longest), self._pad_id, dtype=torch.long)
+        attn = torch.zeros((n, longest), dtype=torch.bool)
+        pool_mask = torch.zeros((n, longest), dtype=torch.bool)
+        n_prefix, n_suffix = len(self._prefix), len(self._suffix)
+        for row, t in enumerate(items):
+            offset = longest - len(t.ids) if self.padding_side == "left" else 0
+            ids[row, offset:offset + len(t.ids)] = torch.tensor(t.ids, dtype=torch.long)
+            attn[row, offset:offset + len(t.ids)] = True
+            if t.start >= 0:
+                pool_mask[row, offset + t.start:offset + t.end] = True
+            else:  # empty text: its special tokens
+                pool_mask[row, offset:offset + n_prefix] = True
+                if n_suffix:
+                    pool_mask[row, offset + len(t.ids) - n_suffix:offset + len(t.ids)] = True
+        positions = (attn.long().cumsum(1) - 1).clamp_min(0)
+        return {"input_ids": ids, "attention_mask": attn.long(), "pool_mask": pool_mask,
+                "position_ids": positions}
+
+    # ------------------------------------------------------------------ forward
+    def token_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Last hidden states (batch, seq, dim) for a collated batch."""
+        dev = self.device
+        kwargs = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}
+        if self._takes_position_ids:
+            kwargs["position_ids"] = batch["position_ids"].to(dev)
+        out = self.model(**kwargs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled embeddings (batch, dim) for a collated batch; differentiable (used by training)."""
+        hidden = self.token_states(batch)
+        dev = hidden.device
+        return pool(self.pooling, hidden, batch["pool_mask"].to(dev), batch["attention_mask"].to(dev))
+
+    # ------------------------------------------------------------------- encode
+    def encode(
+        self,
+        sentences: Item | Sequence[Item],
+        instruction: str | None = None,
+        batch_size: int = 32,
+        normalize: bool = False,
+        show_progress_bar: bool | None = None,
+        convert_to: Literal["numpy", "torch"] = "numpy",
+        normalize_embeddings: bool | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """Embed texts; returns (n, dim) in input order (a 1-D vector for a single string).
+
+        ``sentences``: strings, or ``(instruction, text)`` pairs; ``instruction`` applies to plain strings.
+        Empty strings are valid (pooled over the special tokens). Texts longer than ``max_length`` tokens are
+        truncated with one warning. Embeddings are float32 whatever the model dtype.
+        """
+        if normalize_embeddings is not None:
+            normalize = normalize_embeddings
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if convert_to not in ("numpy", "torch"):
+            raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}.")
+        texts, instructions, single = normalize_inputs(sentences, instruction)
+        if not texts:
+            empty = torch.zeros((0, self.dim), dtype=torch.float32)
+            return empty.numpy() if convert_to == "numpy" else empty
+        items = [self.tokenize_one(t, i) for t, i in zip(texts, instructions, strict=True)]
+        n_trunc = sum(t.truncated for t in items)
+        if n_trunc:
+            warnings.warn(f"{n_trunc} of {len(items)} texts were longer than max_length={self.max_length} "
+                          "tokens and were truncated.", stacklevel=2)
+        order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+        if show_progress_bar is None:
+            show_progress_bar = len(items) > 4 * batch_size
+        out = torch.empty((len(items), self.dim), dtype=torch.float32)
+        from tqdm.auto import tqdm
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode(), tqdm(total=len(items), desc="encode", unit="text",
+                                              disable=not show_progress_bar) as bar:
+                for s in range(0, len(order), batch_size):
+                    idx = order[s:s + batch_size]
+                    emb = self.forward(self.collate([items[i] for i in idx])).float()
+                    if normalize:
+                        emb = torch.nn.functional.normalize(emb, dim=-1)
+                    out[idx] = emb.cpu()
+                    bar.update(len(idx))
+        finally:
+            self.model.train(was_training)
+        if single:
+            out = out[0]
+        return out.numpy() if convert_to == "numpy" else out
+
+    def similarity(self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+        """Cosine similarity matrix between two sets of embeddings (``b`` defaults to ``a``)."""
+        ta = torch.as_tensor(np.asarray(a, dtype=np.float32))
+        tb = ta if b is None else torch.as_tensor(np.asarray(b, dtype=np.float32))
+        ta, tb = torch.atleast_2d(ta), torch.atleast_2d(tb)
+        return (torch.nn.functional.normalize(ta, dim=-1) @ torch.nn.functional.normalize(tb, dim=-1).T).numpy()
+
+
+def _has_tokenizer(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                          "tokenizer.model", "vocab.json"))
+
+
+def _adapter_base(adapter_dir: str) -> str:
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_dir}: adapter_config.json does not name base_model_name_or_path; "
+                         "pass the base model explicitly: from_pretrained(base, adapter=...).")
+    return base
+
+
+def _apply_adapter(net: nn.Module, adapter_path: str, merge: bool) -> nn.Module:
+    from peft import PeftModel
+
+    p = Path(adapter_path)
+    if not (p / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_path}: not a PEFT adapter directory (no adapter_config.json).")
+    try:
+        peft_model = PeftModel.from_pretrained(net, str(p))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{adapter_path}: adapter does not fit this base model ({exc}).".replace("\n", " ")[:600]) \
+            from exc
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def _strip_is_causal(config_json: Path) -> None:
+    """Drop ``is_causal`` from a saved config: l2v re-enables bidirectionality from l2v_config.json, and a stale
+    flag would make plain transformers build inconsistent masks."""
+    if not config_json.is_file():
+        return
+    data = json.loads(config_json.read_text(encoding="utf-8"))
+    changed = False
+    for d in [data, *[v for v in data.values() if isinstance(v, dict)]]:
+        if "is_causal" in d:
+            del d["is_causal"]
+            changed = True
+    if changed:
+        config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
