@@ -177,6 +177,44 @@ def check_safe_weights(directory: str | os.PathLike, allow_pickle: bool = False)
         )
 
 
+LLM2VEC_CONFIG = "llm2vec_config.json"
+# Official LLM2Vec pooling_mode names -> l2v pooling names.
+_LLM2VEC_POOLING = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "eos",
+                    "last_token": "last_token", "bos_token": "bos"}
+
+
+def has_model_weights(directory: str | os.PathLike) -> bool:
+    """Whether a directory holds full model weights (not just a PEFT adapter next to a config.json)."""
+    path = Path(directory)
+    if not path.is_dir():
+        return False
+    return any(f.name.startswith(("model", "pytorch_model")) and f.name.endswith((".safetensors", ".bin", ".json"))
+               and f.name != "model_card.json" for f in path.iterdir())
+
+
+def llm2vec_defaults(*directories: str | os.PathLike | None) -> dict[str, Any]:
+    """``pooling`` / ``max_length`` from the first official ``llm2vec_config.json`` found in ``directories``."""
+    for d in directories:
+        if d is None or not (Path(d) / LLM2VEC_CONFIG).is_file():
+            continue
+        path = Path(d) / LLM2VEC_CONFIG
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}).") from exc
+        out: dict[str, Any] = {}
+        mode = data.get("pooling_mode")
+        if mode is not None:
+            if mode not in _LLM2VEC_POOLING:
+                raise ValueError(f"{path}: pooling_mode={mode!r} is not supported; expected one of "
+                                 f"{', '.join(_LLM2VEC_POOLING)}.")
+            out["pooling"] = _LLM2VEC_POOLING[mode]
+        if isinstance(data.get("max_length"), int):
+            out["max_length"] = data["max_length"]
+        return out
+    return {}
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -24,7 +24,9 @@ from .checkpoints import (
     L2V_CONFIG,
     L2VConfig,
     check_safe_weights,
+    has_model_weights,
     is_default_model,
+    llm2vec_defaults,
     resolve_model_path,
 )
 from .pooling import check_pooling, pool
@@ -186,24 +188,29 @@ class Encoder(nn.Module):
             if cfg.adapter:
                 adapter_dir = Path(path) / cfg.adapter
                 adapters.append(str(adapter_dir if adapter_dir.exists() else cfg.adapter))
-        elif (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        elif (Path(path) / "adapter_config.json").is_file() and not has_model_weights(path):
+            # A PEFT adapter dir; in the official LLM2Vec MNTP layout it also holds config.json + tokenizer,
+            # and the weights come from adapter_config.json's base_model_name_or_path.
             adapters.append(path)
             weights_path = resolve_model_path(_adapter_base(path))
         if adapter is not None:
             adapters.append(str(adapter))
+        official = {} if cfg is not None else llm2vec_defaults(*adapters[::-1], path)  # llm2vec_config.json
 
-        pooling = pooling or (cfg.pooling if cfg else "mean")
+        pooling = pooling or (cfg.pooling if cfg else official.get("pooling", "mean"))
         bidirectional = bidirectional if bidirectional is not None else (cfg.bidirectional if cfg else True)
-        max_length = max_length or (cfg.max_length if cfg else 512)
+        max_length = max_length or (cfg.max_length if cfg else official.get("max_length", 512))
         dev = torch.device(device) if device is not None else default_device()
         torch_dtype = resolve_dtype(dtype, dev)
 
-        check_safe_weights(weights_path, allow_pickle=allow_pickle)
+        for weights_dir in (weights_path, *adapters):
+            check_safe_weights(weights_dir, allow_pickle=allow_pickle)
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         if allow_pickle:
             kwargs["use_safetensors"] = None
+            kwargs["weights_only"] = True  # the opt-in still never unpickles arbitrary objects
         tok_path = path if _has_tokenizer(path) else weights_path
         tokenizer = AutoTokenizer.from_pretrained(tok_path)
         net = AutoModel.from_pretrained(weights_path, **kwargs)
@@ -353,8 +360,11 @@ class Encoder(nn.Module):
         show_progress_bar: bool | None = None,
         convert_to: Literal["numpy", "torch"] = "numpy",
         normalize_embeddings: bool | None = None,
+        dimensions: int | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Embed texts; returns (n, dim) in input order (a 1-D vector for a single string).
+
+        ``dimensions``: keep only the first k dimensions (Matryoshka-style), re-normalised when ``normalize``.
 
         ``sentences``: strings, or ``(instruction, text)`` pairs; ``instruction`` applies to plain strings.
         Empty strings are valid (pooled over the special tokens). Texts longer than ``max_length`` tokens are
@@ -366,6 +376,16 @@ class Encoder(nn.Module):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if convert_to not in ("numpy", "torch"):
             raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}.")
+        if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
+                                       or not 1 <= dimensions <= self.dim):
+            raise ValueError(f"dimensions must be an integer in [1, {self.dim}] or None, got {dimensions!r}.")
+        if dimensions is not None and dimensions < self.dim:
+            full = self.encode(sentences, instruction=instruction, batch_size=batch_size, normalize=False,
+                               show_progress_bar=show_progress_bar, convert_to="torch")
+            out = full[..., :dimensions].contiguous()
+            if normalize:
+                out = torch.nn.functional.normalize(out, dim=-1)
+            return out.numpy() if convert_to == "numpy" else out
         texts, instructions, single = normalize_inputs(sentences, instruction)
         if not texts:
             empty = torch.zeros((0, self.dim), dtype=torch.float32)
