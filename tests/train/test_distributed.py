@@ -1,0 +1,62 @@
+"""Two CPU processes (gloo) give the loss and gradients of one process with the same global batch."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _pairs_helpers import dist_worker, grads, tiny_encoder, toy_pairs  # noqa: E402
+
+from l2v.train import distributed as D  # noqa: E402
+from l2v.train.supervised import SupervisedConfig, SupervisedObjective  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_match_single_process(tmp_path):
+    from safetensors.torch import load_file
+
+    n = 8
+    mp.start_processes(dist_worker, args=(2, _free_port(), str(tmp_path), n, 2), nprocs=2, join=True,
+                       start_method="spawn")
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    for name, negatives, chunk in (("plain", "some", None), ("gradcache", "all", 2)):
+        enc = tiny_encoder()
+        enc.model.zero_grad()
+        loss = SupervisedObjective(enc, SupervisedConfig(chunk_size=chunk)).step(toy_pairs(n, negatives=negatives))
+        ref = grads(enc.model)
+        for r in ranks:
+            assert abs(float(r[f"{name}.loss"]) - loss) < 1e-5, name
+            for k, g in ref.items():
+                torch.testing.assert_close(r[f"{name}.grad.{k}"], g, atol=1e-5, rtol=1e-5, msg=f"{name} {k}")
+
+
+def test_single_process_helpers_are_noops():
+    t = torch.randn(3, 4, requires_grad=True)
+    assert D.gather_with_grad(t) is t
+    assert D.shard_rows([1, 2, 3]) == [1, 2, 3]
+    assert D.current().world_size == 1
+
+
+def test_shard_rows_and_env(monkeypatch):
+    info = D.DistInfo(rank=1, world_size=2)
+    assert D.shard_rows(list(range(6)), info) == [3, 4, 5]
+    with pytest.raises(ValueError, match="multiple of 2"):
+        D.shard_rows(list(range(5)), info)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(ValueError, match="inconsistent"):
+        D.env_info()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ValueError, match="RANK"):
+        D.env_info()
