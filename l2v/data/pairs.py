@@ -289,3 +289,84 @@ def write_pairs(path: str | os.PathLike, examples: Iterable[PairExample | dict])
             n += 1
     os.replace(tmp, path)
     return n
+
+
+# ------------------------------------------------------------------------ offline default: WordNet pairs
+WORDNET_INSTRUCTIONS = {
+    "wordnet_usage": "Given a sentence, retrieve the definition of the word sense it uses",
+    "wordnet_define": "Given a word and its synonyms, retrieve its dictionary definition",
+    "wordnet_synonyms": {"instruction": "Retrieve a word or phrase with the same meaning", "symmetric": True},
+}
+
+
+def build_wordnet_pairs(entries: Sequence[dict], per_dataset: int = 20000, seed: int = 0) -> dict[str, list[dict]]:
+    """Real pairs from WordNet synsets, with hard negatives from *other senses of the same word*.
+
+    * ``wordnet_usage`` (asymmetric): usage example sentence -> gloss of its synset;
+    * ``wordnet_define`` (asymmetric): "word, synonym, ..." -> gloss;
+    * ``wordnet_synonyms`` (symmetric): lemma -> another lemma of the same synset.
+
+    The hard negative is the gloss (or lemma) of another synset sharing the word, else a random synset of the same
+    lexicographer file (e.g. noun.animal). At most ``per_dataset`` pairs each, sampled deterministically.
+    """
+    rng = random.Random(seed)
+    by_lemma: dict[str, list[int]] = {}
+    by_lex: dict[str, list[int]] = {}
+    for i, e in enumerate(entries):
+        for lemma in {e["word"].lower(), *(s.lower() for s in e["synonyms"])}:
+            by_lemma.setdefault(lemma, []).append(i)
+        by_lex.setdefault(e.get("lexname") or e["pos"], []).append(i)
+
+    def other(i: int) -> dict:
+        e = entries[i]
+        senses = [j for j in by_lemma.get(e["word"].lower(), []) if j != i
+                  and entries[j]["gloss"] != e["gloss"]]
+        if senses:
+            return entries[rng.choice(senses)]
+        pool = by_lex[e.get("lexname") or e["pos"]]
+        for _ in range(8):
+            j = rng.choice(pool)
+            if j != i and e["word"].lower() not in {entries[j]["word"].lower(), *map(str.lower, entries[j]["synonyms"])}:
+                return entries[j]
+        return entries[(i + 1) % len(entries)]
+
+    usage, define, synonyms = [], [], []
+    for i, e in enumerate(entries):
+        if not e.get("gloss"):
+            continue
+        for ex in e["examples"][:1]:
+            if len(ex.split()) >= 3:
+                usage.append({"query": ex, "positive": e["gloss"], "negative": other(i)["gloss"]})
+        if e["synonyms"]:
+            define.append({"query": ", ".join([e["word"], *e["synonyms"]]), "positive": e["gloss"],
+                           "negative": other(i)["gloss"]})
+            own = {e["word"].lower(), *(x.lower() for x in e["synonyms"])}
+            neg = other(i)
+            cands = [w for w in [neg["word"], *neg["synonyms"]] if w.lower() not in own]
+            if not cands:  # another sense whose lemmas are all ours: take an unrelated word of the same field
+                cands = [w for w in (entries[rng.choice(by_lex[e.get("lexname") or e["pos"]])]["word"]
+                                     for _ in range(8)) if w.lower() not in own][:1]
+            if cands:
+                synonyms.append({"query": e["word"], "positive": e["synonyms"][0], "negative": cands[0]})
+    out = {}
+    for name, rows in (("wordnet_usage", usage), ("wordnet_define", define), ("wordnet_synonyms", synonyms)):
+        if len(rows) > per_dataset:
+            rows = [rows[k] for k in sorted(rng.sample(range(len(rows)), per_dataset))]
+        out[name] = rows
+    return out
+
+
+def default_pair_dir(per_dataset: int = 20000) -> Path:
+    """A directory of offline pair files (``<dataset>.jsonl`` + ``instructions.json``) built from WordNet once."""
+    from .sources import data_dir, wordnet_entries
+
+    folder = data_dir() / f"pairs-wordnet-{per_dataset}"
+    if (folder / "instructions.json").is_file():
+        return folder
+    built = build_wordnet_pairs(wordnet_entries(), per_dataset=per_dataset)
+    for name, rows in built.items():
+        write_pairs(folder / f"{name}.jsonl", rows)
+    tmp = folder / ".instructions.json.tmp"
+    tmp.write_text(json.dumps(WORDNET_INSTRUCTIONS, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / "instructions.json")  # written last: marks the folder complete
+    return folder
