@@ -185,9 +185,10 @@ class Encoder(nn.Module):
             has_weights = (Path(path) / "config.json").is_file()
             if not has_weights:
                 weights_path = resolve_model_path(cfg.base_model)
-            if cfg.adapter:
-                adapter_dir = Path(path) / cfg.adapter
-                adapters.append(str(adapter_dir if adapter_dir.exists() else cfg.adapter))
+            # one adapter, or a list applied in order (e.g. SimCSE on top of a merged MNTP adapter)
+            for name in [cfg.adapter] if isinstance(cfg.adapter, str) else (cfg.adapter or []):
+                adapter_dir = Path(path) / name
+                adapters.append(str(adapter_dir if adapter_dir.exists() else name))
         elif (Path(path) / "adapter_config.json").is_file() and not has_model_weights(path):
             # A PEFT adapter dir; in the official LLM2Vec MNTP layout it also holds config.json + tokenizer,
             # and the weights come from adapter_config.json's base_model_name_or_path.
@@ -219,6 +220,8 @@ class Encoder(nn.Module):
         net.to(dev).eval()
         if bidirectional:
             make_bidirectional(net)
+        elif getattr(net.config, "is_causal", None) is False:  # an exported bidirectional config, run causally
+            net.config.is_causal = True
         base_name = cfg.base_model if cfg and cfg.base_model else (
             "smollm2-135m" if is_default_model(None if model is None else str(model)) else str(model))
         return cls(net, tokenizer, pooling=pooling, max_length=max_length,

@@ -1,0 +1,400 @@
+"""The one training loop shared by MNTP, SimCSE and supervised contrastive training.
+
+An :class:`Objective` supplies the model, the training examples and the loss; the loop owns everything else:
+seeding, the deterministic data order (so a resumed run sees exactly the batches it would have seen), AdamW with
+warmup, gradient accumulation, autocast, gradient clipping, checkpoints (trainable weights + optimizer +
+scheduler + RNG + data position, written to a temp dir then renamed) and exact ``resume``, a progress bar, and a
+``metrics.jsonl`` / ``train_config.json`` in the run directory.
+
+Adding an objective::
+
+    class MyObjective(Objective):
+        name = "mine"
+        def setup(self, cfg, device): self.model = ...; self.examples = [...]; self.val_examples = [...]
+        def collate(self, examples, generator): return batch          # deterministic given generator
+        def loss(self, batch): return loss_tensor, {"acc": 0.5}
+        def evaluate(self): return {"val_loss": ...}                  # optional
+        def save(self, out_dir): ...                                  # the final artefact
+    train(MyConfig(...), MyObjective())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoints import _atomic_write_text
+from .config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+RUN_CONFIG = "train_config.json"
+
+
+class TrainingError(ValueError):
+    """A training run cannot start or continue; the message says what to change."""
+
+
+class Objective:
+    """What a training objective gives the loop. Subclass and fill in; see the module docstring."""
+
+    name = "objective"
+    model: nn.Module
+    examples: Sequence[Any]
+    val_examples: Sequence[Any] = ()
+
+    def setup(self, cfg: TrainConfig, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def collate(self, examples: Sequence[Any], generator: torch.Generator) -> Any:
+        raise NotImplementedError
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def save(self, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast where asked (or 'auto' and supported natively), else nothing (fp32)."""
+    from ..encoder import resolve_dtype
+
+    resolved = resolve_dtype(dtype, device)
+    if resolved == torch.float32 or device.type not in ("cpu", "cuda", "mps"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=resolved)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    warm, total = cfg.warmup_steps, cfg.steps
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return f
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batch_generator(seed: int, micro_step: int) -> torch.Generator:
+    """A generator for per-batch randomness (e.g. MNTP masks) that depends only on the data position."""
+    return torch.Generator().manual_seed((seed * 7_919 + micro_step * 104_729 + 17) % 2**62)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(np.asarray(x)) if isinstance(x, np.ndarray) else x
+                  for x in np.random.get_state()],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    np_state = [x.numpy() if isinstance(x, torch.Tensor) else x for x in state["numpy"]]
+    np.random.set_state(tuple(np_state))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp dirs start with '.' and are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.pt").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(run_dir: Path, step: int, objective: Objective, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, keep: int) -> Path:
+    """Write a checkpoint to a temp dir, then rename it into place: a crash never leaves a half-written one."""
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}.", dir=root))
+    try:
+        weights = {n: p.detach().to("cpu").contiguous() for n, p in objective.trainable_parameters()}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state()}, tmp / "state.pt")
+        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep:
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, objective: Objective, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(objective.trainable_parameters())
+    missing = sorted(set(params) - set(weights))
+    unexpected = sorted(set(weights) - set(params))
+    if missing or unexpected:
+        raise TrainingError(f"{ckpt}: checkpoint does not match this run's trainable parameters "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was the config changed?")
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.shape != weights[n].shape:
+                raise TrainingError(f"{ckpt}: {n} has shape {tuple(weights[n].shape)}, run has {tuple(p.shape)}.")
+            p.copy_(weights[n])
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+class MetricsLog:
+    """Append-only jsonl; on resume, lines past the checkpoint step are dropped so the log tells one story."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is None:
+            path.write_text("", encoding="utf-8")
+        elif path.exists():
+            keep = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("step", 0) <= resume_step and rec.get("event") != "end":
+                    keep.append(line)
+            _atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    def write(self, **record: Any) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=float) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def train(
+    cfg: TrainConfig,
+    objective: Objective,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``objective`` as ``cfg`` says; returns a summary (also written to ``summary.json``).
+
+    ``on_step(step, metrics)`` is called after every optimizer step (tests use it to simulate a crash).
+    """
+    from ..encoder import default_device
+
+    cfg.validate()
+    run_dir = Path(cfg.output_dir)
+    existing = checkpoint_dirs(run_dir)
+    if existing and not cfg.resume:
+        raise TrainingError(f"{run_dir}: already holds checkpoints (latest {existing[-1].name}); pass --resume to "
+                            "continue that run, or choose another --output-dir.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    seed_everything(cfg.seed)
+
+    t_setup = time.perf_counter()
+    objective.setup(cfg, device)
+    n = len(objective.examples)
+    if n == 0:
+        raise TrainingError(f"{cfg.data}: no training examples left (after holding out {cfg.val_size} for "
+                            "validation); give a larger corpus or a smaller --val-size.")
+    if n < cfg.batch_size:
+        raise TrainingError(f"{cfg.data}: only {n} training examples, fewer than one batch "
+                            f"(--batch-size {cfg.batch_size}); give more text or a smaller batch size.")
+    batches_per_epoch = n // cfg.batch_size
+    params = [p for _, p in objective.trainable_parameters()]
+    if not params:
+        raise TrainingError(f"objective {objective.name!r} has no trainable parameters.")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+    start_step = 0
+    resumed_from = None
+    if cfg.resume and existing:
+        resumed_from = existing[-1]
+        start_step = load_checkpoint(resumed_from, objective, optimizer, scheduler)
+        _say(cfg, f"resuming from {resumed_from} (step {start_step}/{cfg.steps})")
+    elif cfg.resume:
+        _say(cfg, f"--resume: no checkpoint in {run_dir / CHECKPOINTS}; starting from step 0")
+    cfg.save(run_dir / RUN_CONFIG, objective=objective.name)
+    log = MetricsLog(run_dir / METRICS, start_step if resumed_from else None)
+    setup_s = time.perf_counter() - t_setup
+    autocast = autocast_context(cfg.dtype, device)
+
+    summary: dict[str, Any] = {"objective": objective.name, "output_dir": str(run_dir), "steps": cfg.steps,
+                               "train_examples": n, "val_examples": len(objective.val_examples),
+                               "setup_s": round(setup_s, 2)}
+    if start_step == 0:
+        before = _evaluate(objective, autocast)
+        if before:
+            log.write(step=0, split="val", **before)
+            summary["before"] = before
+            _say(cfg, "before training: " + _fmt(before))
+    else:
+        summary["before"] = _first_val(run_dir)
+
+    from tqdm.auto import tqdm
+
+    order_cache: dict[int, list[int]] = {}
+    objective.model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=objective.name, unit="step", disable=not cfg.progress,
+               dynamic_ncols=True, file=sys.stderr)
+    last: dict[str, float] = {}
+    try:
+        for step in range(start_step, cfg.steps):
+            t_step = time.perf_counter()
+            totals: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                m = step * cfg.grad_accum + micro
+                epoch, index = divmod(m, batches_per_epoch)
+                if epoch not in order_cache:
+                    order_cache.clear()
+                    order_cache[epoch] = epoch_order(n, cfg.seed, epoch)
+                idx = order_cache[epoch][index * cfg.batch_size:(index + 1) * cfg.batch_size]
+                batch = objective.collate([objective.examples[i] for i in idx], batch_generator(cfg.seed, m))
+                with autocast:
+                    loss, extra = objective.loss(batch)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"step {step + 1}: loss is {loss.item()}; lower --lr or use --dtype "
+                                        "float32.")
+                (loss / cfg.grad_accum).backward()
+                totals["loss"] = totals.get("loss", 0.0) + loss.item() / cfg.grad_accum
+                for k, v in extra.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                                       else float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            last = {**totals, "lr": lr, "grad_norm": float(grad_norm), "step_s": time.perf_counter() - t_step,
+                    "epoch": (done * cfg.grad_accum) / batches_per_epoch}
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                log.write(step=done, split="train", **{k: _round(v) for k, v in last.items()})
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                val = _evaluate(objective, autocast)
+                if val:
+                    log.write(step=done, split="val", **val)
+                objective.model.train()
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                save_checkpoint(run_dir, done, objective, optimizer, scheduler, cfg.keep_checkpoints)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(done, last)
+    finally:
+        bar.close()
+    train_s = time.perf_counter() - t0
+    after = _evaluate(objective, autocast)
+    if after:
+        log.write(step=cfg.steps, split="val", **after)
+        summary["after"] = after
+        _say(cfg, "after training:  " + _fmt(after))
+    ran = cfg.steps - start_step
+    summary.update(train_s=round(train_s, 2), s_per_step=round(train_s / ran, 4) if ran else None,
+                   final_loss=_round(last.get("loss", float("nan"))), resumed_from=str(resumed_from or ""))
+    objective.save(run_dir)
+    if cfg.save_every:  # the finished run is the artefact; keep one final checkpoint for later resumes/extends
+        save_checkpoint(run_dir, cfg.steps, objective, optimizer, scheduler, 1)
+    log.write(step=cfg.steps, event="end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    _say(cfg, f"saved encoder to {run_dir}")
+    return summary
+
+
+def _evaluate(objective: Objective, autocast: contextlib.AbstractContextManager) -> dict[str, float]:
+    if not objective.val_examples:
+        return {}
+    was = objective.model.training
+    objective.model.eval()
+    try:
+        with torch.no_grad(), autocast:
+            out = objective.evaluate()
+    finally:
+        objective.model.train(was)
+    return {k: _round(v) for k, v in out.items()}
+
+
+def _first_val(run_dir: Path) -> dict[str, Any]:
+    for rec in read_metrics(run_dir):
+        if rec.get("split") == "val" and rec.get("step") == 0:
+            return {k: v for k, v in rec.items() if k not in ("step", "split")}
+    return {}
+
+
+def _round(v: float) -> float:
+    return float(v) if not math.isfinite(v) else float(f"{v:.6g}")
+
+
+def _fmt(d: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in d.items())
+
+
+def _say(cfg: TrainConfig, msg: str) -> None:
+    if cfg.progress:
+        print(f"l2v: {msg}", file=sys.stderr)

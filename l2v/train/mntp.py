@@ -1,0 +1,136 @@
+"""MNTP (masked next-token prediction), LLM2Vec step 2.
+
+A fraction of the text tokens (never special tokens, never the first position) is replaced by a mask token; the
+bidirectional model must recover each masked token at position ``i`` from the LM head applied to the hidden
+state at ``i - 1`` (the head predicts the *next* token). The LM head is applied only at those positions, so its
+49k-wide matmul costs ``masked tokens x vocab`` instead of ``all tokens x vocab``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data.corpus import load_corpus
+from ..encoder import Tokenized
+from .config import MNTPConfig
+from .loop import Objective, TrainingError
+from .lora import build_trainable, save_encoder_dir
+
+NEW_MASK_TOKEN = "<|l2v_mask|>"
+
+
+def resolve_mask_id(tokenizer: Any, mask_token: str) -> int:
+    """'eos' -> the eos id; 'new' -> the added mask token; any other string must be exactly one token."""
+    if mask_token == "eos":
+        if tokenizer.eos_token_id is None:
+            raise ValueError("--mask-token eos: this tokenizer has no eos token; use '_' or 'new'.")
+        return int(tokenizer.eos_token_id)
+    if mask_token == "new":
+        return int(tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN))
+    ids = tokenizer(mask_token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"--mask-token {mask_token!r} is {len(ids)} tokens for this tokenizer; it must be exactly "
+                         "one token (try '_', 'eos' or 'new').")
+    return int(ids[0])
+
+
+def mask_batch(batch: dict[str, torch.Tensor], fraction: float, mask_id: int, special_ids: set[int],
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Mask ``fraction`` of each row's maskable tokens (at least one). Adds ``mask_rows``, ``mask_cols`` (the
+    masked positions) and ``labels`` (their original ids); ``input_ids`` gets the mask token there."""
+    ids = batch["input_ids"]
+    attn = batch["attention_mask"].bool()
+    prev_attended = torch.zeros_like(attn)
+    prev_attended[:, 1:] = attn[:, :-1]  # position i-1 must be a real token to predict i
+    maskable = batch["pool_mask"].bool() & prev_attended
+    if special_ids:
+        maskable &= ~torch.isin(ids, torch.tensor(sorted(special_ids), dtype=ids.dtype))
+    rows, cols = [], []
+    for r in range(ids.shape[0]):
+        cand = maskable[r].nonzero().flatten()
+        if cand.numel() == 0:
+            continue
+        k = max(1, int(round(fraction * cand.numel())))
+        pick = cand[torch.randperm(cand.numel(), generator=generator)[:k]].sort().values
+        rows.append(torch.full_like(pick, r))
+        cols.append(pick)
+    if not rows:
+        raise TrainingError("MNTP batch has no maskable tokens (texts too short?).")
+    rows_t, cols_t = torch.cat(rows), torch.cat(cols)
+    labels = ids[rows_t, cols_t].clone()
+    masked = ids.clone()
+    masked[rows_t, cols_t] = mask_id
+    return {**batch, "input_ids": masked, "mask_rows": rows_t, "mask_cols": cols_t, "labels": labels}
+
+
+class MNTPObjective(Objective):
+    name = "mntp"
+
+    def __init__(self, texts: Sequence[str] | None = None) -> None:
+        self.texts = list(texts) if texts is not None else None
+
+    def setup(self, cfg: MNTPConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        new = [NEW_MASK_TOKEN] if cfg.mask_token == "new" else None
+        self.encoder, self.head, self.start = build_trainable(cfg, lm_head=True, device=device, new_tokens=new)
+        self.vocab_size = len(self.encoder.tokenizer) - (1 if new else 0)
+        self.model = self.encoder
+        tok = self.encoder.tokenizer
+        self.mask_id = resolve_mask_id(tok, cfg.mask_token)
+        self.special_ids = set(int(i) for i in tok.all_special_ids)
+        texts = self.texts if self.texts is not None else load_corpus(cfg.data, cfg.text_field, cfg.max_texts)
+        items = [self.encoder.tokenize_one(t) for t in texts]
+        items = [t for t in items if t.end - t.start >= 2]  # need something maskable beyond the first token
+        if not items:
+            raise TrainingError(f"{cfg.data}: every text is shorter than 2 tokens; MNTP needs real sentences.")
+        perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        items = [items[i] for i in perm]
+        n_val = min(cfg.val_size, len(items) // 5)
+        self.val_examples = items[:n_val]
+        self.examples = items[n_val:]
+
+    def collate(self, examples: Sequence[Tokenized], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = self.encoder.collate(examples)
+        return mask_batch(batch, self.cfg.mask_fraction, self.mask_id, self.special_ids, generator)
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.encoder.token_states(batch)
+        dev = hidden.device
+        h = hidden[batch["mask_rows"].to(dev), batch["mask_cols"].to(dev) - 1]  # the state *before* each mask
+        return self.head(h).float()
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = self.logits(batch)
+        labels = batch["labels"].to(logits.device)
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(-1) == labels).float().mean().item()
+        return loss, {"acc": acc, "masked": float(labels.numel())}
+
+    def evaluate(self) -> dict[str, float]:
+        total_loss, correct, count = 0.0, 0, 0
+        bs = self.cfg.batch_size
+        for b, s in enumerate(range(0, len(self.val_examples), bs)):
+            batch = self.collate(self.val_examples[s:s + bs], torch.Generator().manual_seed(10_007 + b))
+            logits = self.logits(batch)
+            labels = batch["labels"].to(logits.device)
+            total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += int((logits.argmax(-1) == labels).sum())
+            count += labels.numel()
+        return {"val_loss": total_loss / max(count, 1), "val_acc": correct / max(count, 1)}
+
+    def save(self, out_dir: Path) -> None:
+        save_encoder_dir(out_dir, self.encoder, self.start, self.cfg, vocab_size=self.vocab_size,
+                         extra={"objective": "mntp", "mask_token": self.cfg.mask_token,
+                                "mask_fraction": self.cfg.mask_fraction})
+
+
+def train_mntp(cfg: MNTPConfig, texts: Sequence[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Run MNTP; returns the summary (held-out ``before``/``after`` MNTP loss and accuracy included)."""
+    from .loop import train
+
+    return train(cfg, MNTPObjective(texts), **kwargs)
