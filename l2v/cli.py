@@ -12,6 +12,7 @@ import sys
 COMMANDS = [
     "inference",  # encode, similarity, info, convert
     "train",  # train mntp, train simcse (l2v/commands/train.py)
+    "serve",  # serve, export
 ]
 
 

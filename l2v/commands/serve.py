@@ -1,0 +1,71 @@
+"""``l2v serve`` (OpenAI-compatible embedding server) and ``l2v export`` (standalone merged model)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .inference import add_model_args, load_from_args
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..serve import ServeConfig, api_key_from_env, is_loopback, serve
+
+    api_key = args.api_key or api_key_from_env()
+    if not is_loopback(args.host):
+        print(f"l2v serve: warning: binding to {args.host} exposes the server beyond this machine"
+              + ("" if api_key else " WITHOUT an API key (set --api-key or L2V_API_KEY)") + ".", file=sys.stderr)
+    config = ServeConfig(model_name=args.served_name or (args.model or "smollm2-135m"), api_key=api_key,
+                         max_body_bytes=args.max_body_bytes, max_inputs=args.max_inputs,
+                         max_input_tokens=args.max_input_tokens, max_batch_tokens=args.max_batch_tokens,
+                         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                         normalize=not args.no_normalize)
+    encoder = load_from_args(args)
+    print(f"l2v serve: {config.model_name} (dim {encoder.dim}, {encoder.device}) on http://{args.host}:{args.port}"
+          f"/v1/embeddings{' (API key required)' if api_key else ''}", file=sys.stderr)
+    serve(encoder, config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..export import export
+
+    encoder = load_from_args(args)
+    out = export(encoder, args.outdir, sentence_transformers=not args.no_sentence_transformers,
+                 overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible /v1/embeddings HTTP API",
+                       description="Serve POST /v1/embeddings (OpenAI-compatible), GET /v1/models and GET /health. "
+                                   "Concurrent requests are micro-batched. Binds to 127.0.0.1 unless --host says "
+                                   "otherwise.")
+    add_model_args(p, positional=True)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $L2V_API_KEY; none when unset)")
+    p.add_argument("--served-name", default=None, help="model id reported to clients (default: MODEL)")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="request body limit (413)")
+    p.add_argument("--max-inputs", type=int, default=2048, help="inputs per request (413)")
+    p.add_argument("--max-input-tokens", type=int, default=None,
+                   help="tokens per input, at most --max-length (413; default: the model's max length)")
+    p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
+    p.add_argument("--max-batch-size", type=int, default=128, help="texts per forward pass")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long the batcher collects concurrent requests before a forward pass")
+    p.add_argument("--no-normalize", action="store_true", help="return raw (not unit-length) embeddings")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write a merged, standalone safetensors model (+ sentence-transformers files)",
+                       description="Load MODEL (with --adapter merged in) and write OUTDIR: safetensors weights, "
+                                   "tokenizer, l2v_config.json and sentence-transformers files. OUTDIR reloads "
+                                   "without peft.")
+    add_model_args(p, positional=True)
+    p.add_argument("outdir", help="output directory (must be new or empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-sentence-transformers", action="store_true", help="skip modules.json and friends")
+    p.set_defaults(func=cmd_export, dtype="float32")  # export keeps full precision unless --dtype says otherwise

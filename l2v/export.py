@@ -1,0 +1,41 @@
+"""Export an encoder as a standalone directory: merged safetensors weights + tokenizer + ``l2v_config.json``.
+
+The result reloads with ``Encoder.from_pretrained(dir)`` without peft or the original base model, and (with
+``sentence_transformers=True``, the default) also with ``SentenceTransformer(dir)``; see :mod:`l2v.st`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .encoder import Encoder
+
+
+def export(encoder: Encoder, outdir: str | os.PathLike, sentence_transformers: bool = True,
+           overwrite: bool = False, **extra: Any) -> Path:
+    """Write ``encoder`` to ``outdir`` atomically (built in a temporary sibling, then renamed into place)."""
+    out = Path(outdir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty; choose a new directory or pass overwrite=True.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        encoder.save_pretrained(tmp, **extra)
+        leftovers = [p.name for p in tmp.iterdir() if p.name.startswith("adapter_")]
+        if leftovers:
+            raise RuntimeError(f"export left adapter files {leftovers}; the adapter was not merged.")
+        if sentence_transformers:
+            from .st import write_sentence_transformers_files
+
+            write_sentence_transformers_files(encoder, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

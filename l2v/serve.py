@@ -1,0 +1,435 @@
+"""An OpenAI-compatible embedding server: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health``.
+
+Requests are tokenised in the request handler (so per-input limits are answered at once) and handed to one
+:class:`MicroBatcher` thread that owns the model: it collects work from concurrent requests for up to
+``batch_wait_ms`` or until ``max_batch_tokens`` padded tokens are queued, sorts it by length, runs the forward
+passes and wakes each request. Under concurrency the model therefore sees large length-sorted batches, as in an
+offline ``Encoder.encode``.
+
+Errors use the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``; a limit that is exceeded is named
+in the message (``max_body_bytes``, ``max_inputs``, ``max_input_tokens``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .encoder import Encoder, Tokenized
+
+API_KEY_ENV = "L2V_API_KEY"
+
+
+@dataclass
+class ServeConfig:
+    """Server settings; every limit is reported by name when a request exceeds it."""
+
+    model_name: str = "l2v"
+    api_key: str | None = None
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_inputs: int = 2048
+    max_input_tokens: int | None = None  # default: the encoder's max_length budget
+    max_batch_tokens: int = 16384  # padded tokens per forward pass
+    max_batch_size: int = 128
+    batch_wait_ms: float = 5.0
+    max_queued_inputs: int = 16384  # beyond this the server answers 503 instead of queueing without bound
+    normalize: bool = True  # OpenAI embeddings are unit length
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_inputs", "max_batch_tokens", "max_batch_size", "max_queued_inputs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.max_input_tokens is not None and (not isinstance(self.max_input_tokens, int)
+                                                  or self.max_input_tokens < 1):
+            raise ValueError(f"max_input_tokens must be a positive integer, got {self.max_input_tokens!r}.")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms!r}.")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must be a non-empty string or None.")
+
+
+class APIError(Exception):
+    """An error answered to the client as ``{"error": ...}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------------------------------------- batching
+@dataclass
+class _Job:
+    items: list[Tokenized]
+    loop: asyncio.AbstractEventLoop | None
+    future: Any  # asyncio.Future (server) or concurrent.futures.Future (direct use)
+    result: torch.Tensor | None = None
+    tokens: int = 0
+
+
+class MicroBatcher:
+    """One worker thread that owns the encoder and batches tokenised inputs across concurrent requests."""
+
+    def __init__(self, encoder: Encoder, max_batch_tokens: int = 16384, max_batch_size: int = 128,
+                 batch_wait_ms: float = 5.0, max_queued_inputs: int = 16384) -> None:
+        self.encoder = encoder
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.wait_s = batch_wait_ms / 1000.0
+        self.max_queued_inputs = max_queued_inputs
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="l2v-batcher", daemon=True)
+        self._stopped = False
+        self.batches = 0  # forward passes run (for tests and /health)
+        self.inputs = 0
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def submit(self, items: list[Tokenized], loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """Queue tokenised inputs; the returned future resolves to a float32 (n, dim) CPU tensor."""
+        future = loop.create_future()
+        self._put(_Job(items=items, loop=loop, future=future))
+        return future
+
+    def encode_sync(self, items: list[Tokenized], timeout: float | None = None) -> torch.Tensor:
+        """Blocking variant of :meth:`submit` for callers without an event loop."""
+        import concurrent.futures
+
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._put(_Job(items=items, loop=None, future=future))
+        return future.result(timeout)
+
+    def _put(self, job: _Job) -> None:
+        if self._stopped:
+            raise RuntimeError("the batcher is stopped.")
+        with self._lock:
+            if self._queued + len(job.items) > self.max_queued_inputs:
+                raise APIError(503, f"server busy: more than max_queued_inputs={self.max_queued_inputs} inputs "
+                                    "are waiting; retry later.", code="overloaded", type_="server_error")
+            self._queued += len(job.items)
+        job.tokens = sum(len(t.ids) for t in job.items)
+        self._queue.put(job)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopped = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # --------------------------------------------------------------------------------- worker thread
+    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
+        jobs, tokens = [first], first.tokens
+        deadline = time.monotonic() + self.wait_s
+        while tokens < self.max_batch_tokens:
+            left = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+            tokens += job.tokens
+        return jobs, False
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            jobs, stop = self._collect(first)
+            try:
+                self._process(jobs)
+            except BaseException as exc:  # noqa: BLE001 - every waiting request must be woken
+                for job in jobs:
+                    self._finish(job, exc)
+            finally:
+                with self._lock:
+                    self._queued -= sum(len(j.items) for j in jobs)
+
+    def _process(self, jobs: list[_Job]) -> None:
+        flat = [(j, i, t) for j in jobs for i, t in enumerate(j.items)]
+        for job in jobs:
+            job.result = torch.empty((len(job.items), self.encoder.dim), dtype=torch.float32)
+        flat.sort(key=lambda x: -len(x[2].ids))
+        start = 0
+        with torch.inference_mode():
+            while start < len(flat):
+                longest = len(flat[start][2].ids)
+                n = max(1, min(self.max_batch_size, self.max_batch_tokens // max(longest, 1)))
+                chunk = flat[start:start + n]
+                emb = self.encoder.forward(self.encoder.collate([t for _, _, t in chunk])).float().cpu()
+                for row, (job, i, _) in enumerate(chunk):
+                    job.result[i] = emb[row]
+                self.batches += 1
+                self.inputs += len(chunk)
+                start += n
+        for job in jobs:
+            self._finish(job, None)
+
+    @staticmethod
+    def _finish(job: _Job, exc: BaseException | None) -> None:
+        def settle() -> None:
+            if job.future.done():
+                return
+            if exc is not None:
+                job.future.set_exception(exc)
+            else:
+                job.future.set_result(job.result)
+
+        if job.loop is None:
+            settle()
+        elif not job.loop.is_closed():
+            job.loop.call_soon_threadsafe(settle)
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _check_text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise APIError(422, f"{where} must be a string, got {_json_type(value)}.", param=where)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(422, f"{where} is not valid Unicode (lone surrogate at character {exc.start}).",
+                       param=where) from exc
+    return value
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
+    """Validate an embeddings request body into ``texts``, ``encoding_format``, ``dimensions``, ``model``."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON ({exc}).", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise APIError(422, f"request body must be a JSON object, got {_json_type(data)}.")
+    if "input" not in data:
+        raise APIError(422, "missing required field 'input' (a string or an array of strings).", param="input")
+    raw = data["input"]
+    if isinstance(raw, str):
+        texts = [_check_text(raw, "input")]
+    elif isinstance(raw, list):
+        if not raw:
+            raise APIError(422, "input must not be an empty array.", param="input")
+        if len(raw) > cfg.max_inputs:
+            raise APIError(413, f"input has {len(raw)} items; the limit is max_inputs={cfg.max_inputs}.",
+                           param="input", code="max_inputs")
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in raw) or any(isinstance(x, list) for x in raw):
+            raise APIError(422, "token-id input is not supported; send a string or an array of strings.",
+                           param="input")
+        texts = [_check_text(x, f"input[{i}]") for i, x in enumerate(raw)]
+    else:
+        raise APIError(422, f"input must be a string or an array of strings, got {_json_type(raw)}.",
+                       param="input")
+    fmt = data.get("encoding_format", "float")
+    if fmt is None:
+        fmt = "float"
+    if fmt not in ("float", "base64"):
+        raise APIError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}.", param="encoding_format")
+    dims = data.get("dimensions")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= dim):
+        raise APIError(422, f"dimensions must be an integer in [1, {dim}], got {dims!r}.", param="dimensions")
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(422, f"model must be a string, got {_json_type(model)}.", param="model")
+    if model not in (None, cfg.model_name):
+        raise APIError(404, f"model {model!r} is not served here; this server serves {cfg.model_name!r}.",
+                       param="model", code="model_not_found")
+    return {"texts": texts, "encoding_format": fmt, "dimensions": dims}
+
+
+def format_embeddings(vectors: torch.Tensor, fmt: str, dimensions: int | None, normalize: bool) -> list[Any]:
+    if dimensions is not None:
+        vectors = vectors[:, :dimensions]
+    if normalize:
+        vectors = torch.nn.functional.normalize(vectors, dim=-1)
+    arr = np.ascontiguousarray(vectors.numpy(), dtype="<f4")
+    if fmt == "base64":
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in arr]
+    return arr.tolist()
+
+
+# ------------------------------------------------------------------------------------------------- app
+def create_app(encoder: Encoder, config: ServeConfig | None = None):
+    """The FastAPI app serving ``encoder``; the micro-batcher starts and stops with the app's lifespan."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    cfg = config or ServeConfig()
+    budget = encoder.max_length
+    max_tokens = min(cfg.max_input_tokens or budget, budget)
+    expected_key = cfg.api_key.encode("utf-8") if cfg.api_key else None
+    tokenize_lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads at once
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state["batcher"] = MicroBatcher(encoder, cfg.max_batch_tokens, cfg.max_batch_size, cfg.batch_wait_ms,
+                                        cfg.max_queued_inputs)
+        try:
+            yield
+        finally:
+            state.pop("batcher").stop()
+
+    app = FastAPI(title="l2v embeddings", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.l2v = state
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    def authorize(request: Request) -> None:
+        if expected_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode("utf-8") if scheme.lower() == "bearer" else b""
+        # compare_digest on equal-purpose byte strings: time does not depend on where they differ.
+        if not hmac.compare_digest(given, expected_key):
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>').",
+                           code="invalid_api_key", type_="authentication_error")
+
+    async def read_body(request: Request) -> bytes:
+        limit = cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise APIError(400, f"invalid Content-Length header {declared[:40]!r}.")
+            if int(declared) > limit:
+                raise APIError(413, f"request body is {declared} bytes; the limit is max_body_bytes={limit}.",
+                               code="max_body_bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"request body exceeds max_body_bytes={limit}.", code="max_body_bytes")
+        return bytes(body)
+
+    def tokenize(texts: list[str]) -> list[Tokenized]:
+        items = []
+        with tokenize_lock:
+            for i, text in enumerate(texts):
+                item = encoder.tokenize_one(text)
+                n_text = max(item.end - item.start, 0)
+                if item.truncated or n_text > max_tokens:
+                    where = "input" if len(texts) == 1 else f"input[{i}]"
+                    raise APIError(413, f"{where} is longer than max_input_tokens={max_tokens} tokens.",
+                                   param=where, code="max_input_tokens")
+                items.append(item)
+        return items
+
+    @app.get("/health")
+    async def health():
+        batcher = state.get("batcher")
+        return {"status": "ok" if batcher is not None else "starting", "model": cfg.model_name,
+                "dim": encoder.dim, "max_input_tokens": max_tokens, "queued_inputs": batcher.queued if batcher else 0,
+                "forward_passes": batcher.batches if batcher else 0}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
+                                            "owned_by": "l2v"}]}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        authorize(request)
+        body = await read_body(request)
+        req = parse_request(body, cfg, encoder.dim)
+        items = await run_in_threadpool(tokenize, req["texts"])
+        batcher: MicroBatcher | None = state.get("batcher")
+        if batcher is None:
+            raise APIError(503, "server is starting; retry.", type_="server_error")
+        try:
+            vectors = await batcher.submit(items, asyncio.get_running_loop())
+        except APIError:
+            raise
+        except Exception as exc:  # a model failure: report it, keep serving
+            raise APIError(500, f"encoding failed: {type(exc).__name__}: {exc}"[:500], type_="server_error") from exc
+        data = format_embeddings(vectors, req["encoding_format"], req["dimensions"], cfg.normalize)
+        n_tokens = sum(len(t.ids) for t in items)
+        return {"object": "list", "model": cfg.model_name,
+                "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    return app
+
+
+# ------------------------------------------------------------------------------------- running it
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> Iterator[str]:
+    """Run ``app`` under uvicorn in a background thread; yields its base URL and stops it on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def serve(encoder: Encoder, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "info") -> None:
+    """Serve until interrupted (used by ``l2v serve``)."""
+    import uvicorn
+
+    uvicorn.run(create_app(encoder, config), host=host, port=port, log_level=log_level, access_log=False)
+
+
+def api_key_from_env() -> str | None:
+    return os.environ.get(API_KEY_ENV) or None
+
+
+__all__ = ["APIError", "MicroBatcher", "ServeConfig", "create_app", "running_server", "serve"]
