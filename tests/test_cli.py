@@ -1,0 +1,92 @@
+"""The l2v command: encode, similarity, info, convert, and its error handling."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from tiny import save_tiny
+
+from l2v.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("m") / "tiny-llama")
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("encode", "similarity", "info", "convert"):
+        assert cmd in out
+
+
+def test_encode_args_to_npy(model_dir, tmp_path):
+    out = tmp_path / "v.npy"
+    assert main(["encode", "hello world", "second text", "-m", model_dir, "-o", str(out), "-q",
+                 "--dtype", "float32", "--normalize"]) == 0
+    v = np.load(out)
+    assert v.shape[0] == 2 and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+
+
+def test_encode_file_and_stdin_jsonl(model_dir, tmp_path, monkeypatch):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "a"}\n{"text": "b c"}\n\n')
+    out = tmp_path / "v.jsonl"
+    assert main(["encode", "-i", str(src), "-m", model_dir, "-o", str(out), "-q", "--dtype", "float32"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["a", "b c"] and len(rows[0]["embedding"]) == 32
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\nthree\n"))
+    out2 = tmp_path / "s.npy"
+    assert main(["encode", "-m", model_dir, "-o", str(out2), "-q", "--dtype", "float32"]) == 0
+    assert np.load(out2).shape == (3, 32)
+
+
+def test_encode_errors_are_one_line(model_dir, tmp_path, capsys):
+    assert main(["encode", "-i", str(tmp_path / "nope.txt"), "-m", model_dir]) == 2
+    assert "nope.txt: no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": 1}\n')
+    assert main(["encode", "-i", str(bad), "-m", model_dir, "-o", str(tmp_path / "x.npy")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    assert main(["encode", "-i", str(latin), "-m", model_dir, "-o", str(tmp_path / "x.npy")]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    assert main(["encode", "x", "-m", model_dir, "-o", str(tmp_path / "x.csv")]) == 2
+    assert ".npy or .jsonl" in capsys.readouterr().err
+    assert main(["encode", "x", "-m", str(tmp_path / "no-model")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_similarity_json(model_dir, capsys):
+    assert main(["similarity", "a cat", "a dog", "stocks", "-m", model_dir, "--json", "--dtype", "float32"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    sim = np.array(data["similarity"])
+    assert sim.shape == (3, 3) and np.allclose(np.diag(sim), 1, atol=1e-5)
+    assert main(["similarity", "only one", "-m", model_dir]) == 2
+
+
+def test_similarity_table(model_dir, capsys):
+    assert main(["similarity", "a cat", "a dog", "-m", model_dir, "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "cosine similarity" in out and "1.000" in out
+
+
+def test_info_reports_bidirectional_support(model_dir, capsys):
+    assert main(["info", model_dir, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"] == "LlamaForCausalLM" and info["layers"] == 2 and info["hidden_size"] == 32
+    assert info["bidirectional_supported"] is True and info["parameters"] > 0
+
+
+@pytest.mark.slow
+def test_info_default_model(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_type"] == "llama" and info["layers"] == 30 and info["hidden_size"] == 576
+    assert info["bidirectional_supported"] is True

@@ -1,0 +1,256 @@
+"""Encoder: tokenisation with instructions, padding invariance, ordering, bad input, dtype."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from tiny import ARCHITECTURES, tiny_model, tiny_tokenizer
+
+from l2v import Encoder, make_bidirectional
+from l2v.pooling import POOLING_MODES
+
+TEXTS = [
+    "short one",
+    "a much longer text that has many more tokens than the first one does, by a wide margin",
+    "mid length text here",
+    "cats",
+]
+
+
+def tiny_encoder(arch: str = "llama", pooling: str = "mean", side: str = "right", bidirectional: bool = True,
+                 **kw) -> Encoder:
+    net = tiny_model(arch, "sdpa").base_model
+    if bidirectional:
+        make_bidirectional(net)
+    return Encoder(net, tiny_tokenizer(side), pooling=pooling, **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("pooling", ["mean", "weighted_mean", "last_token", "bos"])
+def test_padding_invariance_alone_batched_left_right(arch, pooling):
+    """A text's vector is the same alone, in a batch with longer texts, and with left or right padding."""
+    right = tiny_encoder(arch, pooling, "right")
+    left = Encoder(right.model, tiny_tokenizer("left"), pooling=pooling)
+    alone = right.encode([TEXTS[0]])[0]
+    batched_r = right.encode(TEXTS)
+    batched_l = left.encode(TEXTS)
+    assert np.abs(alone - batched_r[0]).max() <= 1e-4
+    assert np.abs(alone - batched_l[0]).max() <= 1e-4
+    assert np.abs(batched_r - batched_l).max() <= 1e-4
+
+
+def test_batch_order_and_sizes_do_not_matter():
+    enc = tiny_encoder()
+    ref = enc.encode(TEXTS, batch_size=len(TEXTS))
+    for bs in (1, 3):
+        np.testing.assert_allclose(enc.encode(TEXTS, batch_size=bs), ref, atol=1e-5)
+    perm = [2, 0, 3, 1]
+    np.testing.assert_allclose(enc.encode([TEXTS[i] for i in perm]), ref[perm], atol=1e-5)
+
+
+def test_output_types_and_shapes():
+    enc = tiny_encoder()
+    out = enc.encode(TEXTS)
+    assert isinstance(out, np.ndarray) and out.shape == (4, enc.dim) and out.dtype == np.float32
+    t = enc.encode(TEXTS, convert_to="torch")
+    assert isinstance(t, torch.Tensor) and t.shape == (4, enc.dim)
+    single = enc.encode("just one")
+    assert single.shape == (enc.dim,)
+    empty = enc.encode([])
+    assert empty.shape == (0, enc.dim)
+    normed = enc.encode(TEXTS, normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(normed, axis=1), 1.0, atol=1e-5)
+
+
+def test_pooled_positions_are_exactly_the_text_tokens():
+    enc = tiny_encoder()
+    tok = enc.tokenizer
+    instr, text = "Represent this sentence for searching:", "The quick brown fox."
+    item = enc.tokenize_one(text, instr)
+    assert item.ids[item.start:item.end] == tok(text, add_special_tokens=False)["input_ids"]
+    assert item.ids[:item.start] == enc._prefix + tok(instr, add_special_tokens=False)["input_ids"]
+    batch = enc.collate([item, enc.tokenize_one("x")])
+    row = batch["pool_mask"][0]
+    assert batch["input_ids"][0][row].tolist() == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_instruction_is_not_pooled_and_acts_only_through_attention():
+    enc = tiny_encoder("llama")
+    text, instr = "The quick brown fox.", "Represent this sentence for searching:"
+    plain, with_instr = enc.encode([text])[0], enc.encode([(instr, text)])[0]
+    assert np.abs(plain - with_instr).max() > 1e-4, "instruction must change the vector (via attention)"
+    # The vector is the mean of the text positions' states: the instruction tokens are not pooled.
+    batch = enc.collate([enc.tokenize_one(text, instr)])
+    with torch.no_grad():
+        states = enc.token_states(batch)[0]
+    manual = states[batch["pool_mask"][0]].mean(0).numpy()
+    np.testing.assert_allclose(with_instr, manual, atol=1e-5)
+    # Block attention to the instruction's keys and give the text the positions it has alone: the vector then
+    # equals the instruction-free one, so the instruction influences the result only through attention.
+    ids = batch["input_ids"]
+    item = enc.tokenize_one(text, instr)
+    n_prefix = len(enc._prefix)
+    keep = torch.ones(ids.shape[1], dtype=torch.bool)
+    keep[n_prefix:item.start] = False
+    mask = torch.zeros((1, 1, ids.shape[1], ids.shape[1]))
+    mask[..., ~keep] = torch.finfo(mask.dtype).min
+    positions = torch.zeros_like(ids)
+    positions[0, keep] = torch.arange(int(keep.sum()))
+    with torch.no_grad():
+        blocked = enc.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[0]
+    np.testing.assert_allclose(blocked[batch["pool_mask"][0]].mean(0).numpy(), plain, atol=1e-5)
+
+
+def test_instruction_argument_and_pairs_agree():
+    enc = tiny_encoder()
+    a = enc.encode(["cats", "dogs"], instruction="Find pets:")
+    b = enc.encode([("Find pets:", "cats"), ["Find pets:", "dogs"]])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bidirectional_vs_causal_differ():
+    bi, causal = tiny_encoder(bidirectional=True), tiny_encoder(bidirectional=False)
+    assert bi.bidirectional and not causal.bidirectional
+    assert np.abs(bi.encode(TEXTS) - causal.encode(TEXTS)).max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "bad,exc,match",
+    [
+        (None, TypeError, "got None"),
+        (["ok", 3], TypeError, r"sentences\[1\]"),
+        (["ok", None], TypeError, r"sentences\[1\]"),
+        ([("a", "b", "c")], ValueError, r"sentences\[0\].*2 strings"),
+        ([["instr", 5]], TypeError, r"sentences\[0\]"),
+        ([["a", ["b"]]], TypeError, r"sentences\[0\]"),
+        (42, TypeError, "int"),
+        ({"a": 1}, TypeError, "dict"),
+    ],
+)
+def test_bad_input_names_the_problem(bad, exc, match):
+    enc = tiny_encoder()
+    with pytest.raises(exc, match=match):
+        enc.encode(bad)
+
+
+def test_bad_arguments():
+    enc = tiny_encoder()
+    with pytest.raises(ValueError, match="batch_size"):
+        enc.encode(TEXTS, batch_size=0)
+    with pytest.raises(ValueError, match="convert_to"):
+        enc.encode(TEXTS, convert_to="list")
+    with pytest.raises(TypeError, match="instruction"):
+        enc.encode(TEXTS, instruction=3)
+    with pytest.raises(ValueError, match="pooling"):
+        tiny_encoder(pooling="max")
+
+
+@pytest.mark.parametrize("pooling", POOLING_MODES)
+def test_empty_strings_are_encoded(pooling):
+    enc = tiny_encoder(pooling=pooling)
+    out = enc.encode(["", "not empty", ""])
+    assert out.shape == (3, enc.dim) and np.isfinite(out).all()
+    np.testing.assert_allclose(out[0], out[2], atol=1e-6)
+
+
+def test_empty_string_without_special_tokens():
+    """A tokenizer that adds no BOS/EOS still yields a defined vector for ''."""
+    enc = tiny_encoder("gpt2")
+    enc._prefix, enc._suffix = [], []
+    out = enc.encode(["", "x"])
+    assert np.isfinite(out).all()
+
+
+def test_overlong_texts_truncated_with_one_warning():
+    enc = tiny_encoder(max_length=16)
+    long = " ".join(["word"] * 200)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = enc.encode([long, long + " more", "short"])
+    trunc = [w for w in caught if "truncated" in str(w.message)]
+    assert len(trunc) == 1 and "2 of 3" in str(trunc[0].message)
+    assert all(len(enc.tokenize_one(t).ids) <= 16 for t in (long, long + " more"))
+    assert np.isfinite(out).all()
+
+
+def test_instruction_longer_than_max_length_is_an_error():
+    enc = tiny_encoder(max_length=8)
+    with pytest.raises(ValueError, match="instruction"):
+        enc.encode([("word " * 50, "text")])
+
+
+def test_similarity_matrix():
+    enc = tiny_encoder()
+    v = enc.encode(TEXTS)
+    sim = enc.similarity(v)
+    assert sim.shape == (4, 4)
+    np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-5)
+    np.testing.assert_allclose(sim, sim.T, atol=1e-6)
+
+
+def test_save_and_reload_roundtrip(tmp_path):
+    enc = tiny_encoder("qwen3", pooling="weighted_mean", max_length=64)
+    enc.base_model = "tiny-qwen3"
+    enc.save_pretrained(tmp_path / "enc")
+    back = Encoder.from_pretrained(tmp_path / "enc", dtype="float32", device="cpu")
+    assert back.pooling == "weighted_mean" and back.max_length == 64 and back.bidirectional
+    np.testing.assert_allclose(back.encode(TEXTS), enc.encode(TEXTS), atol=1e-5)
+
+
+def test_from_pretrained_local_dir_and_causal_flag(tmp_path):
+    from tiny import save_tiny
+
+    path = save_tiny("mistral", tmp_path / "m")
+    enc = Encoder.from_pretrained(path, dtype="float32", device="cpu")
+    assert enc.bidirectional and enc.dtype == torch.float32
+    causal = Encoder.from_pretrained(path, dtype="float32", device="cpu", bidirectional=False)
+    assert not causal.bidirectional
+    assert np.abs(enc.encode(TEXTS) - causal.encode(TEXTS)).max() > 1e-4
+
+
+def test_dtype_resolution():
+    from l2v.encoder import cpu_supports_bf16, resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("float32", cpu) == torch.float32
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert resolve_dtype(None, cpu) == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int3", cpu)
+
+
+# ---------------------------------------------------------------- the real default model
+@pytest.mark.slow
+def test_default_model_bf16_matches_fp32(default_encoder):
+    from l2v.encoder import cpu_supports_bf16
+
+    sentences = ["A man is playing a guitar.", "The stock market fell sharply today.", "",
+                 "Cats sleep most of the day.", "Quantum computers use qubits to perform calculations."]
+    fp32 = Encoder.from_pretrained("smollm2-135m", dtype="float32")
+    ref = fp32.encode(sentences, normalize=True)
+    if cpu_supports_bf16():
+        assert default_encoder.dtype == torch.bfloat16  # bf16 by default on capable CPUs
+    bf16 = Encoder.from_pretrained("smollm2-135m", dtype="bfloat16").encode(sentences, normalize=True)
+    cos = (ref * bf16).sum(1)
+    assert cos.min() >= 0.99, cos
+
+
+@pytest.mark.slow
+def test_default_model_is_bidirectional(default_encoder):
+    """The real model passes the probe, and its vectors differ from the causal model's.
+
+    (No semantic-ranking assertion here: untrained bidirectional attention is expected to hurt; see README.)
+    """
+    from l2v import causal_attention, check_bidirectional
+
+    assert default_encoder.bidirectional and default_encoder.dim == 576
+    assert check_bidirectional(default_encoder.model)
+    texts = ["A man is playing a guitar.", "The central bank raised interest rates."]
+    bi = default_encoder.encode(texts, normalize=True)
+    with causal_attention(default_encoder.model):
+        causal = default_encoder.encode(texts, normalize=True)
+    assert default_encoder.bidirectional  # restored after the context manager
+    assert (bi * causal).sum(1).max() < 0.999
