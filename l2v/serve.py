@@ -28,6 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' string annotations here
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from .encoder import Encoder, Tokenized
 
@@ -280,10 +283,6 @@ def format_embeddings(vectors: torch.Tensor, fmt: str, dimensions: int | None, n
 # ------------------------------------------------------------------------------------------------- app
 def create_app(encoder: Encoder, config: ServeConfig | None = None):
     """The FastAPI app serving ``encoder``; the micro-batcher starts and stops with the app's lifespan."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
-
     cfg = config or ServeConfig()
     budget = encoder.max_length
     max_tokens = min(cfg.max_input_tokens or budget, budget)

@@ -1,0 +1,230 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client and raw HTTP on a loopback port."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from tiny import save_tiny
+
+from l2v import Encoder
+from l2v.serve import ServeConfig, create_app, free_port, running_server
+
+KEY = "s3cret-key"
+NAME = "tiny-l2v"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    return save_tiny("llama", tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_dir) -> Encoder:
+    return Encoder.from_pretrained(tiny_dir, dtype="float32", device="cpu", max_length=64)
+
+
+@pytest.fixture(scope="module")
+def server(encoder):
+    cfg = ServeConfig(model_name=NAME, api_key=KEY, max_body_bytes=20_000, max_inputs=8, max_input_tokens=32,
+                      batch_wait_ms=30)
+    app = create_app(encoder, cfg)
+    with running_server(app) as url:
+        yield url, app
+
+
+@pytest.fixture()
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def post(url: str, body: bytes | str, key: str | None = KEY, **headers) -> httpx.Response:
+    h = {"content-type": "application/json", **headers}
+    if key is not None:
+        h["authorization"] = f"Bearer {key}"
+    return httpx.post(url + "/v1/embeddings", content=body, headers=h, timeout=30)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_openai_client_float_and_base64_match_encode(client, encoder):
+    texts = ["The quick brown fox", "a", "Machine learning models turn text into vectors."]
+    expected = encoder.encode(texts, normalize=True)
+    for fmt in ("float", "base64"):
+        res = client.embeddings.create(model=NAME, input=texts, encoding_format=fmt)
+        got = np.array([d.embedding if fmt == "float" else np.frombuffer(base64.b64decode(d.embedding), "<f4")
+                        for d in res.data], dtype=np.float32)
+        assert [d.index for d in res.data] == [0, 1, 2]
+        assert got.shape == (3, encoder.dim)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        n_tokens = sum(len(encoder.tokenize_one(t).ids) for t in texts)
+        assert res.usage.prompt_tokens == n_tokens == res.usage.total_tokens
+        assert res.model == NAME
+    # The client's default (no encoding_format) asks for base64 and decodes it.
+    res = client.embeddings.create(model=NAME, input="The quick brown fox")
+    np.testing.assert_allclose(np.array(res.data[0].embedding), expected[0], atol=1e-5)
+
+
+def test_dimensions_truncate_and_renormalise(client, encoder):
+    full = encoder.encode(["The quick brown fox"])
+    res = client.embeddings.create(model=NAME, input=["The quick brown fox"], dimensions=8, encoding_format="float")
+    got = np.array(res.data[0].embedding)
+    assert got.shape == (8,)
+    assert abs(np.linalg.norm(got) - 1) < 1e-5
+    np.testing.assert_allclose(got, unit(full[0, :8]), atol=1e-5)
+    np.testing.assert_allclose(got, encoder.encode(["The quick brown fox"], dimensions=8, normalize=True)[0],
+                               atol=1e-5)
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    health = httpx.get(server[0] + "/health").json()
+    assert health["status"] == "ok" and health["dim"] == 32 and health["max_input_tokens"] == 32
+
+
+def test_wrong_or_missing_key(server):
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.embeddings.create(model=NAME, input="hi")
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    r = post(server[0], json.dumps({"input": "hi"}), key=None)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = post(server[0], json.dumps({"input": "hi"}), key=KEY + "x")
+    assert r.status_code == 401
+    r = post(server[0], json.dumps({"input": "hi"}), key=None, authorization=f"Basic {KEY}")
+    assert r.status_code == 401
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"\xff\xfe", 400, "not valid JSON"),
+    (b"[1, 2]", 422, "JSON object"),
+    (b"{}", 422, "'input'"),
+    (b'{"input": []}', 422, "empty"),
+    (b'{"input": 5}', 422, "string or an array"),
+    (b'{"input": null}', 422, "string or an array"),
+    (b'{"input": {"a": 1}}', 422, "string or an array"),
+    (b'{"input": ["ok", 3]}', 422, "input[1]"),
+    (b'{"input": ["ok", null]}', 422, "input[1]"),
+    (b'{"input": [1, 2, 3]}', 422, "token-id"),
+    (b'{"input": [[1, 2]]}', 422, "token-id"),
+    (b'{"input": "\\ud800x"}', 422, "lone surrogate"),
+    (b'{"input": "a", "encoding_format": "int8"}', 422, "encoding_format"),
+    (b'{"input": "a", "dimensions": 0}', 422, "dimensions"),
+    (b'{"input": "a", "dimensions": 33}', 422, "dimensions"),
+    (b'{"input": "a", "dimensions": "8"}', 422, "dimensions"),
+    (b'{"input": "a", "dimensions": true}', 422, "dimensions"),
+    (b'{"input": "a", "model": 3}', 422, "model"),
+    (b'{"input": "a", "model": "gpt-4"}', 404, "tiny-l2v"),
+    (json.dumps({"input": ["x"] * 9}).encode(), 413, "max_inputs=8"),
+    (json.dumps({"input": "word " * 200}).encode(), 413, "max_input_tokens=32"),
+    (json.dumps({"input": ["ok", "word " * 200]}).encode(), 413, "input[1] is longer than max_input_tokens"),
+    (json.dumps({"input": "x" * 30_000}).encode(), 413, "max_body_bytes=20000"),
+])
+def test_bad_requests_are_named(server, body, status, needle):
+    r = post(server[0], body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"], err
+    assert err["type"] in ("invalid_request_error", "server_error")
+
+
+def test_body_limit_without_content_length(server):
+    """A chunked upload with no Content-Length is cut off at the limit too."""
+    def chunks():
+        yield b'{"input": "'
+        for _ in range(100):
+            yield b"y" * 1000
+        yield b'"}'
+
+    r = httpx.post(server[0] + "/v1/embeddings", content=chunks(),
+                   headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
+
+
+def test_openai_client_surfaces_limit_errors(client):
+    with pytest.raises(openai.APIStatusError) as info:
+        client.embeddings.create(model=NAME, input=["x"] * 9)
+    assert info.value.status_code == 413 and "max_inputs" in str(info.value)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.embeddings.create(model=NAME, input=[])
+
+
+def test_concurrent_requests_are_micro_batched(server, encoder):
+    """16 clients at once: every answer is right, and the model ran fewer forward passes than requests."""
+    url, app = server
+    batcher = app.state.l2v["batcher"]
+    texts = [f"text number {i} " + "word " * (i % 5) for i in range(16)]
+    expected = encoder.encode(texts, normalize=True)
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(texts))
+
+    def one(i: int) -> None:
+        try:
+            c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+            barrier.wait()
+            res = c.embeddings.create(model=NAME, input=[texts[i]], encoding_format="float")
+            results[i] = np.array(res.data[0].embedding)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    before = batcher.batches
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for i in range(len(texts)):
+        np.testing.assert_allclose(results[i], expected[i], atol=1e-5)
+    assert batcher.batches - before < len(texts)
+    assert batcher.queued == 0
+
+
+def test_cli_serve_subprocess(tiny_dir):
+    """`l2v serve` binds to 127.0.0.1, answers /health and /v1/embeddings, and stops on SIGTERM."""
+    port = free_port()
+    env = {**os.environ, "L2V_API_KEY": "env-key", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "l2v", "serve", tiny_dir, "--port", str(port), "--dtype",
+                             "float32", "--device", "cpu", "--served-name", "t", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/embeddings", json={"input": ["hello"], "model": "t"},
+                       headers={"authorization": "Bearer env-key"}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 32
+        assert httpx.post(url + "/v1/embeddings", json={"input": "x"}, timeout=30).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_base64_is_little_endian_float32(server, encoder):
+    r = post(server[0], json.dumps({"input": "abc", "encoding_format": "base64"}))
+    vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vec, encoder.encode("abc", normalize=True), atol=1e-5)
