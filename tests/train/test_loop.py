@@ -1,0 +1,148 @@
+"""The shared loop: exact resume, atomic checkpoints, config files and overrides, schedule, bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _train_helpers import mntp_cfg, simcse_cfg  # noqa: E402
+
+from l2v.train import loop as L  # noqa: E402
+from l2v.train.config import MNTPConfig, SimCSEConfig, TrainConfig  # noqa: E402
+from l2v.train.mntp import MNTPObjective  # noqa: E402
+from l2v.train.simcse import SimCSEObjective  # noqa: E402
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_at(k):
+    def hook(step, metrics):
+        if step == k:
+            raise Crash(step)
+    return hook
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in L.read_metrics(run_dir) if r.get("split") == "train"}
+
+
+@pytest.mark.parametrize("kind", ["mntp", "simcse"])
+def test_killed_and_resumed_run_matches_uninterrupted(tiny_dir, corpus, tmp_path, kind):
+    make, objective = (mntp_cfg, MNTPObjective) if kind == "mntp" else (simcse_cfg, SimCSEObjective)
+    kw = dict(steps=6, save_every=2, grad_accum=2)
+    full = L.train(make(tiny_dir, corpus, tmp_path / "full", **kw), objective())
+    with pytest.raises(Crash):
+        L.train(make(tiny_dir, corpus, tmp_path / "cut", **kw), objective(), on_step=_crash_at(5))
+    assert [p.name for p in L.checkpoint_dirs(tmp_path / "cut")] == ["step-0000002", "step-0000004"]
+    resumed = L.train(make(tiny_dir, corpus, tmp_path / "cut", resume=True, **kw), objective())
+    assert resumed["resumed_from"].endswith("step-0000004")
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]  # the log was cut back to the checkpoint, then continued
+    assert a[1] != a[6]  # training moved
+    for step in (5, 6):
+        assert abs(a[step] - b[step]) < 1e-3, (step, a[step], b[step])
+    assert abs(full["final_loss"] - resumed["final_loss"]) < 1e-3
+
+
+def test_existing_checkpoints_need_resume(tiny_dir, corpus, tmp_path):
+    cfg = mntp_cfg(tiny_dir, corpus, tmp_path / "run", steps=2, save_every=1)
+    L.train(cfg, MNTPObjective())
+    with pytest.raises(L.TrainingError, match="--resume"):
+        L.train(cfg, MNTPObjective())
+
+
+def test_failed_checkpoint_write_keeps_last_good_one(tiny_dir, corpus, tmp_path, monkeypatch):
+    import safetensors.torch as st
+
+    cfg = mntp_cfg(tiny_dir, corpus, tmp_path / "run", steps=4, save_every=2)
+    real = st.save_file
+    calls = {"n": 0}
+
+    def flaky(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: the disk is full
+            real(tensors, path, *a, **k)
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(st, "save_file", flaky)
+    with pytest.raises(OSError, match="No space"):
+        L.train(cfg, MNTPObjective())
+    root = tmp_path / "run" / L.CHECKPOINTS
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000002"]  # no temp dir, no half checkpoint
+    monkeypatch.setattr(st, "save_file", real)
+    out = L.train(cfg.replace(resume=True), MNTPObjective())
+    assert out["resumed_from"].endswith("step-0000002")
+
+
+def test_run_dir_has_config_metrics_summary(tiny_dir, corpus, tmp_path):
+    cfg = mntp_cfg(tiny_dir, corpus, tmp_path / "run", steps=3)
+    summary = L.train(cfg, MNTPObjective())
+    run = tmp_path / "run"
+    saved = json.loads((run / L.RUN_CONFIG).read_text())
+    assert saved["objective"] == "mntp" and saved["steps"] == 3 and saved["mask_fraction"] == 0.2
+    recs = L.read_metrics(run)
+    assert [r["step"] for r in recs if r.get("split") == "train"] == [1, 2, 3]
+    assert {"loss", "lr", "grad_norm", "acc"} <= set(recs[1])
+    assert json.loads((run / "summary.json").read_text())["final_loss"] == summary["final_loss"]
+
+
+def test_fewer_texts_than_a_batch_is_a_clear_error(tiny_dir, tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("One short sentence here.\nAnother short sentence here.\n", encoding="utf-8")
+    cfg = mntp_cfg(tiny_dir, str(path), tmp_path / "run", batch_size=8, val_size=0)
+    with pytest.raises(L.TrainingError, match="fewer than one batch"):
+        L.train(cfg, MNTPObjective())
+
+
+def test_warmup_then_linear_decay():
+    f = L.lr_lambda(TrainConfig(steps=10, warmup_steps=4))
+    vals = [f(s) for s in range(10)]
+    assert vals[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert vals[4] == pytest.approx(1.0) and vals[9] == pytest.approx(1 / 6)
+    assert all(a >= b for a, b in zip(vals[4:], vals[5:], strict=False))
+    g = L.lr_lambda(TrainConfig(steps=10, warmup_steps=0, schedule="constant"))
+    assert [g(s) for s in range(10)] == [1.0] * 10
+
+
+def test_data_order_is_deterministic_and_a_permutation():
+    a, b = L.epoch_order(10, 3, 0), L.epoch_order(10, 3, 0)
+    assert a == b and sorted(a) == list(range(10)) and a != L.epoch_order(10, 3, 1)
+
+
+def test_config_file_and_overrides(tmp_path):
+    import argparse
+
+    from l2v.train.config import add_config_args, config_from_args
+
+    (tmp_path / "c.yaml").write_text("steps: 7\nlr: 0.001\nmask_fraction: 0.3\nmerge: true\n", encoding="utf-8")
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 9, "batch-size": 3}), encoding="utf-8")
+    p = argparse.ArgumentParser()
+    add_config_args(p, MNTPConfig)
+    cfg = config_from_args(MNTPConfig, p.parse_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.01"]))
+    assert (cfg.steps, cfg.lr, cfg.mask_fraction, cfg.merge) == (7, 0.01, 0.3, True)
+    cfg = config_from_args(MNTPConfig, p.parse_args(["--config", str(tmp_path / "c.json"), "--merge", "false"]))
+    assert (cfg.steps, cfg.batch_size, cfg.merge) == (9, 3, False)
+    assert SimCSEConfig().lr == 3e-5 and SimCSEConfig().attention_dropout == 0.3 and SimCSEConfig().scale == 20
+    (tmp_path / "bad.yaml").write_text("stepz: 3\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="stepz"):
+        MNTPConfig.from_file(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="mask_fraction"):
+        MNTPConfig(mask_fraction=1.5).validate()
+    with pytest.raises(FileNotFoundError):
+        MNTPConfig.from_file(tmp_path / "missing.yaml")
+
+
+def test_rng_state_roundtrip():
+    torch.manual_seed(1)
+    state = L._rng_state()
+    x = torch.rand(3)
+    L._set_rng_state(state)
+    assert torch.equal(x, torch.rand(3))

@@ -1,0 +1,45 @@
+"""``l2v train``: options map onto the config, a tiny run end to end, bad input gives one clear line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from l2v.cli import main  # noqa: E402
+
+COMMON = ["--steps", "2", "--batch-size", "4", "--val-size", "4", "--dtype", "float32", "--device", "cpu",
+          "--progress", "false", "--threads", "1"]
+
+
+def test_print_config_merges_file_and_options(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("steps: 11\nlora_r: 4\n", encoding="utf-8")
+    assert main(["train", "mntp", "--config", str(tmp_path / "c.yaml"), "--lora-r", "8", "--mask-token", "eos",
+                 "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["objective"], cfg["steps"], cfg["lora_r"], cfg["mask_token"]) == ("mntp", 11, 8, "eos")
+
+
+def test_mntp_then_simcse_from_the_command_line(tiny_dir, corpus, tmp_path, capsys):
+    assert main(["train", "mntp", "--model", tiny_dir, "--data", corpus, "--output-dir", str(tmp_path / "m"),
+                 *COMMON]) == 0
+    assert json.loads(capsys.readouterr().out)["objective"] == "mntp"
+    assert main(["train", "simcse", "--model", str(tmp_path / "m"), "--data", corpus,
+                 "--output-dir", str(tmp_path / "s"), *COMMON]) == 0
+    assert (tmp_path / "s" / "l2v_config.json").is_file()
+
+
+def test_bad_inputs_are_one_line_errors(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    cases = [(str(tmp_path / "nope.txt"), "no such corpus file"), (str(bad), "latin1.txt:2: line is not valid UTF-8"),
+             (str(empty), "corpus is empty")]
+    for data, message in cases:
+        rc = main(["train", "mntp", "--model", tiny_dir, "--data", data, "--output-dir", str(tmp_path / "o"),
+                   *COMMON])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, err
