@@ -1,0 +1,116 @@
+"""Official LLM2Vec checkpoint layout (MNTP base dir + supervised PEFT dir with llm2vec_config.json) and the
+``l2v.compat.LLM2Vec`` shim, on a layout built here from a tiny model with peft."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tiny import save_tiny, tiny_tokenizer
+from transformers import AutoModel
+
+from l2v import Encoder, make_bidirectional
+from l2v.compat import LLM2Vec
+
+TEXTS = ["The quick brown fox jumps.", "a", "Machine learning models turn text into vectors, many of them."]
+PAIRS = [["Retrieve passages:", "The quick brown fox jumps."], ["", "a"], ["Classify:  ", "Cats and dogs."]]
+
+
+def _lora(model, seed: int):
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(model, cfg)
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    """base/ (full weights), mntp/ (config.json + tokenizer + LoRA adapter, as on the hub),
+    mntp-merged/ (MNTP merged into full weights), sup/ (LoRA adapter + llm2vec_config.json)."""
+    root = tmp_path_factory.mktemp("official")
+    base = save_tiny("llama", root / "base")
+    # MNTP adapter: the official MNTP repos hold config.json + tokenizer next to adapter_config.json/weights.
+    mntp = _lora(AutoModel.from_pretrained(base, dtype=torch.float32), seed=1)
+    mntp.save_pretrained(root / "mntp")
+    shutil.copy(root / "base" / "config.json", root / "mntp" / "config.json")
+    tiny_tokenizer().save_pretrained(root / "mntp")
+    merged = mntp.merge_and_unload()
+    merged.save_pretrained(root / "mntp-merged")
+    tiny_tokenizer().save_pretrained(root / "mntp-merged")
+    # Supervised adapter trained on top of the MNTP-merged model.
+    sup = _lora(AutoModel.from_pretrained(root / "mntp-merged", dtype=torch.float32), seed=2)
+    sup.save_pretrained(root / "sup")
+    (root / "sup" / "llm2vec_config.json").write_text(json.dumps(
+        {"pooling_mode": "weighted_mean", "max_length": 48, "doc_max_length": 400, "skip_instruction": True}))
+    return root
+
+
+def reference(root, pooling="weighted_mean", max_length=48) -> Encoder:
+    """Built by hand: base -> merge MNTP -> merge supervised -> bidirectional."""
+    net = AutoModel.from_pretrained(root / "base", dtype=torch.float32, attn_implementation="sdpa")
+    net = PeftModel.from_pretrained(net, str(root / "mntp")).merge_and_unload()
+    net = PeftModel.from_pretrained(net, str(root / "sup")).merge_and_unload()
+    make_bidirectional(net.eval())
+    return Encoder(net, tiny_tokenizer(), pooling=pooling, max_length=max_length)
+
+
+def test_official_layout_loads_like_the_hand_built_model(layout):
+    ref = reference(layout)
+    enc = Encoder.from_pretrained(str(layout / "mntp"), adapter=str(layout / "sup"), dtype="float32", device="cpu")
+    assert enc.pooling == "weighted_mean" and enc.max_length == 48  # from llm2vec_config.json
+    assert enc.bidirectional
+    np.testing.assert_allclose(enc.encode(TEXTS), ref.encode(TEXTS), atol=1e-5)
+    # The adapters really change the model (so the comparison above is not vacuous).
+    plain = Encoder.from_pretrained(str(layout / "base"), pooling="weighted_mean", dtype="float32", device="cpu")
+    assert np.abs(plain.encode(TEXTS) - ref.encode(TEXTS)).max() > 1e-3
+
+
+def test_merged_mntp_base_plus_adapter(layout):
+    ref = reference(layout)
+    enc = Encoder.from_pretrained(str(layout / "mntp-merged"), adapter=str(layout / "sup"), dtype="float32",
+                                  device="cpu")
+    assert enc.pooling == "weighted_mean"
+    np.testing.assert_allclose(enc.encode(TEXTS), ref.encode(TEXTS), atol=1e-5)
+
+
+def test_shim_call_shapes(layout):
+    model = LLM2Vec.from_pretrained(str(layout / "mntp"), peft_model_name_or_path=str(layout / "sup"),
+                                    torch_dtype=torch.float32, device_map="cpu")
+    assert model.pooling_mode == "weighted_mean" and model.max_length == 48 and model.doc_max_length == 400
+    ref = reference(layout)
+    out = model.encode(PAIRS, show_progress_bar=False)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (3, 32)
+    expected = ref.encode([("Retrieve passages:", PAIRS[0][1]), PAIRS[1][1], ("Classify:", PAIRS[2][1])])
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
+    # The instruction matters and is not pooled: same text, different instruction -> different vector.
+    assert not np.allclose(out[0].numpy(), ref.encode([PAIRS[0][1]])[0], atol=1e-4)
+    plain = model.encode(TEXTS, convert_to_numpy=True, show_progress_bar=False)
+    assert isinstance(plain, np.ndarray)
+    np.testing.assert_allclose(plain, ref.encode(TEXTS), atol=1e-5)
+    single = model.encode("one string", show_progress_bar=False)
+    assert single.shape == (1, 32)
+    with pytest.raises(TypeError, match=r"sentences\[0\]"):
+        model.encode([["only one"]])
+
+
+def test_shim_overrides_and_errors(layout, tmp_path):
+    model = LLM2Vec.from_pretrained(str(layout / "mntp"), peft_model_name_or_path=str(layout / "sup"),
+                                    pooling_mode="mean", max_length=32, doc_max_length=5, torch_dtype="float32",
+                                    device_map="cpu")
+    assert model.pooling_mode == "mean" and model.max_length == 32
+    # doc_max_length cuts the document by words before encoding, like the official package.
+    long_doc = "cats and dogs are common household pets " * 5
+    cut = model._cut_doc(long_doc)
+    assert len(model.tokenizer(cut, add_special_tokens=False)["input_ids"]) <= 5 and long_doc.startswith(cut)
+    with pytest.raises(ValueError, match="pooling_mode"):
+        LLM2Vec.from_pretrained(str(layout / "base"), pooling_mode="max")
+    with pytest.raises(ValueError, match="skip_instruction"):
+        LLM2Vec.from_pretrained(str(layout / "base"), skip_instruction=False, device_map="cpu")
+    # save() writes a standalone directory that reloads (l2v or the shim) without the adapters.
+    model.save(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "llm2vec_config.json").read_text())["pooling_mode"] == "mean"
+    again = LLM2Vec.from_pretrained(str(tmp_path / "saved"), device_map="cpu", torch_dtype=torch.float32)
+    np.testing.assert_allclose(again.encode(TEXTS).numpy(), model.encode(TEXTS).numpy(), atol=1e-5)
