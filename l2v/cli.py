@@ -13,6 +13,7 @@ COMMANDS = [
     "inference",  # encode, similarity, info, convert
     "train",  # train mntp, train simcse (l2v/commands/train.py)
     "serve",  # serve, export
+    "corpus",  # encode-corpus (l2v/commands/corpus.py)
 ]
 
 

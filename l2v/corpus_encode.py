@@ -1,0 +1,314 @@
+"""Corpus-scale encoding: stream a large jsonl/txt file into sharded embeddings, resumable, split over workers.
+
+Layout of OUTDIR::
+
+    corpus.json              settings of the job (a resumed or extra worker must use the same ones)
+    shard-000000.ids.jsonl   the ids of the shard's rows, one JSON value per line
+    shard-000000.npy         (rows, dim) embeddings, float32 or float16, in the same order
+    ...
+    index.json               written once every shard exists: rows, dim, the shard list
+
+Row ``r`` (the r-th non-blank, valid input line) belongs to shard ``r // shard_size``; worker ``w`` of ``W``
+encodes the shards ``k`` with ``k % W == w``. A shard is written to temporary files and renamed into place, ids
+first and the ``.npy`` last, so a shard whose ``.npy`` exists is complete: after a crash or kill, running the same
+command again skips finished shards, redoes the one in flight, and never duplicates a row. Each shard is encoded
+in the same blocks on every run, so a resumed output is identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "corpus.json"
+INDEX = "index.json"
+FORMAT = 1
+
+
+class CorpusError(ValueError):
+    """Bad corpus input or an OUTDIR written with other settings; the message names file and line."""
+
+
+@dataclass
+class CorpusJob:
+    input: str
+    outdir: str
+    field: str = "text"                 # jsonl: the text field
+    id_field: str | None = "id"         # jsonl: the id field (missing -> the line number)
+    instruction: str | None = None
+    shard_size: int = 10_000
+    batch_size: int = 32
+    normalize: bool = False
+    out_dtype: str = "float32"          # or float16
+    worker: int = 0
+    num_workers: int = 1
+    max_shards: int | None = None       # stop after encoding this many shards in this run (time-boxed jobs)
+    skip_bad_lines: bool = False
+    model_info: dict[str, Any] = dc_field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}.")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}.")
+        if self.num_workers < 1 or not 0 <= self.worker < self.num_workers:
+            raise ValueError(f"--worker {self.worker} must be in [0, --num-workers={self.num_workers}).")
+        if self.out_dtype not in ("float32", "float16"):
+            raise ValueError(f"--out-dtype must be float32 or float16, got {self.out_dtype!r}.")
+        if not Path(self.input).is_file():
+            raise FileNotFoundError(f"{self.input}: no such input file.")
+
+    def settings(self) -> dict[str, Any]:
+        """What determines the output (a resume must match it); workers and limits may differ between runs."""
+        p = Path(self.input)
+        keep = ("field", "id_field", "instruction", "shard_size", "batch_size", "normalize", "out_dtype",
+                "skip_bad_lines", "model_info")
+        return {"format": FORMAT, "input": str(p.resolve()), "input_bytes": p.stat().st_size,
+                **{k: v for k, v in asdict(self).items() if k in keep}}
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}"
+
+
+def iter_rows(path: str | os.PathLike, field: str = "text", id_field: str | None = "id",
+              skip_bad_lines: bool = False, skipped: list[str] | None = None) -> Iterator[tuple[Any, str]]:
+    """Yield ``(id, text)`` for each non-blank line: jsonl objects (``field``, ``id_field``) or plain text lines.
+
+    A row's id is its ``id_field`` value when given (string or integer), else its 1-based line number.
+    """
+    path = Path(path)
+    is_jsonl = path.suffix in (".jsonl", ".ndjson")
+    with open(path, encoding="utf-8", newline="") as fh:
+        lineno = 0
+        while True:
+            try:
+                line = fh.readline()
+            except UnicodeDecodeError as exc:
+                raise CorpusError(f"{path}:{lineno + 1}: not UTF-8 text ({exc.reason}).") from exc
+            if not line:
+                return
+            lineno += 1
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                continue
+            if not is_jsonl:
+                yield lineno, text
+                continue
+            try:
+                rec = json.loads(text)
+                if not isinstance(rec, dict):
+                    raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}.")
+                value = rec.get(field)
+                if not isinstance(value, str):
+                    raise CorpusError(f"{path}:{lineno}: expected a string field {field!r}"
+                                      + (f", got {type(value).__name__}." if field in rec else
+                                         f"; keys present: {sorted(rec)[:8]} (choose one with --field)."))
+                rid = rec.get(id_field, lineno) if id_field else lineno
+                if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+                    raise CorpusError(f"{path}:{lineno}: id field {id_field!r} must be a string or integer, "
+                                      f"got {type(rid).__name__}.")
+            except json.JSONDecodeError as exc:
+                err = CorpusError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}).")
+                if not skip_bad_lines:
+                    raise err from exc
+                if skipped is not None:
+                    skipped.append(str(err))
+                continue
+            except CorpusError as err:
+                if not skip_bad_lines:
+                    raise
+                if skipped is not None:
+                    skipped.append(str(err))
+                continue
+            yield rid, value
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    """Non-blank lines (an upper bound on rows; used for the progress bar only)."""
+    n = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.strip():
+                n += 1
+    return n
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def shard_done(outdir: Path, k: int) -> bool:
+    return (outdir / f"{shard_name(k)}.npy").is_file() and (outdir / f"{shard_name(k)}.ids.jsonl").is_file()
+
+
+def write_shard(outdir: Path, k: int, ids: list[Any], vecs: np.ndarray) -> None:
+    name = shard_name(k)
+    _atomic_write_bytes(outdir / f"{name}.ids.jsonl",
+                        lambda fh: fh.write("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in ids).encode()))
+    _atomic_write_bytes(outdir / f"{name}.npy", lambda fh: np.save(fh, vecs))  # last: marks the shard complete
+
+
+def prepare_outdir(job: CorpusJob) -> Path:
+    """Create OUTDIR with its manifest, or check that an existing one was written with the same settings."""
+    out = Path(job.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = job.settings()
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{manifest}: not valid JSON ({exc.msg}); delete OUTDIR to start over.") from exc
+        diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if diff:
+            detail = "; ".join(f"{k}: was {old.get(k)!r}, now {settings.get(k)!r}" for k in diff[:4])
+            raise CorpusError(f"{out}: holds an encoding made with other settings ({detail}). Resume with the "
+                              "same settings, or use a new OUTDIR.")
+    else:
+        _atomic_write_bytes(manifest, lambda fh: fh.write((json.dumps(settings, indent=2) + "\n").encode()))
+    return out
+
+
+def _write_index(out: Path, rows: int, n_shards: int, shard_size: int) -> bool:
+    """Write index.json when every shard exists (any worker may be the last to finish). True when written."""
+    if not all(shard_done(out, k) for k in range(n_shards)):
+        return False
+    dim = 0
+    if n_shards:
+        dim = int(np.load(out / f"{shard_name(0)}.npy", mmap_mode="r").shape[1])
+    shards = [{"npy": f"{shard_name(k)}.npy", "ids": f"{shard_name(k)}.ids.jsonl",
+               "rows": min(shard_size, rows - k * shard_size)} for k in range(n_shards)]
+    index = {"rows": rows, "dim": dim, "shards": shards}
+    _atomic_write_bytes(out / INDEX, lambda fh: fh.write((json.dumps(index, indent=1) + "\n").encode()))
+    return True
+
+
+def describe_encoder(encoder, adapter: str | None = None) -> dict[str, Any]:
+    """What identifies the encoder in ``corpus.json`` (a resume with another model is refused)."""
+    return {"model": encoder.name, "base_model": encoder.base_model, "adapter": adapter,
+            "pooling": encoder.pooling, "max_length": encoder.max_length, "bidirectional": encoder.bidirectional,
+            "dtype": str(encoder.dtype).removeprefix("torch.")}
+
+
+def encode_corpus(encoder, job: CorpusJob, progress: bool = True, log=None) -> dict[str, Any]:
+    """Encode this worker's pending shards of ``job.input`` into ``job.outdir``; returns a summary dict."""
+    from tqdm.auto import tqdm
+
+    if not job.model_info:
+        job.model_info = describe_encoder(encoder)
+
+    log = log or (lambda msg: print(f"l2v encode-corpus: {msg}", file=sys.stderr, flush=True))
+    job.check()
+    out = prepare_outdir(job)
+    W, w, S = job.num_workers, job.worker, job.shard_size
+    approx_rows = count_lines(job.input)
+    approx_shards = math.ceil(approx_rows / S)
+    mine = [k for k in range(approx_shards) if k % W == w]
+    for stale in out.glob(".shard-*.tmp"):  # left by a killed run of this worker's shards
+        try:
+            if int(stale.name.split("-")[1].split(".")[0]) % W == w:
+                stale.unlink(missing_ok=True)
+        except ValueError:
+            pass
+    already = [k for k in mine if shard_done(out, k)]
+    pending_rows = sum(min(S, approx_rows - k * S) for k in mine if k not in already)
+    if already:
+        log(f"resuming: {len(already)} of this worker's {len(mine)} shards already done, skipped.")
+    dtype = np.float16 if job.out_dtype == "float16" else np.float32
+    block = job.batch_size * 16
+    skipped: list[str] = []
+    encoded_shards = encoded_rows = 0
+    stopped = False
+    t0 = time.perf_counter()
+
+    def flush(k: int, ids: list[Any], texts: list[str], bar) -> None:
+        parts = []
+        for s in range(0, len(texts), block):
+            chunk = texts[s:s + block]
+            parts.append(np.asarray(encoder.encode(chunk, instruction=job.instruction, batch_size=job.batch_size,
+                                                   normalize=job.normalize, show_progress_bar=False), dtype=dtype))
+            bar.update(len(chunk))
+        write_shard(out, k, ids, np.concatenate(parts) if parts else np.zeros((0, encoder.dim), dtype))
+
+    rows = 0
+    ids: list[Any] = []
+    texts: list[str] = []
+    current, current_done = -1, False
+    with tqdm(total=pending_rows, desc=f"encode-corpus[{w}/{W}]", unit="row",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for rid, text in iter_rows(job.input, job.field, job.id_field, job.skip_bad_lines, skipped):
+            k = rows // S
+            rows += 1
+            if k % W != w:
+                continue
+            if k != current:  # entering one of this worker's shards
+                current, current_done = k, shard_done(out, k)
+                if not current_done and job.max_shards is not None and encoded_shards >= job.max_shards:
+                    stopped = True
+                    break
+            if current_done:
+                continue
+            ids.append(rid)
+            texts.append(text)
+            if len(texts) == S:
+                flush(k, ids, texts, bar)
+                encoded_shards += 1
+                encoded_rows += len(texts)
+                ids, texts = [], []
+        if texts and not stopped:  # the last, short shard
+            flush(current, ids, texts, bar)
+            encoded_shards += 1
+            encoded_rows += len(texts)
+    elapsed = time.perf_counter() - t0
+    n_shards = math.ceil(rows / S)
+    complete = False if stopped else _write_index(out, rows, n_shards, S)
+    summary = {"rows_total": rows if not stopped else None, "shards_encoded": encoded_shards,
+               "rows_encoded": encoded_rows, "skipped_lines": len(skipped), "seconds": round(elapsed, 3),
+               "rows_per_s": round(encoded_rows / elapsed, 2) if elapsed > 0 else None,
+               "complete": complete, "stopped_early": stopped, "outdir": str(out)}
+    if skipped:
+        log(f"skipped {len(skipped)} bad line(s) (--skip-bad-lines); first: {skipped[0]}")
+    log(f"worker {w}/{W}: encoded {encoded_rows} rows in {encoded_shards} shards "
+        f"({summary['rows_per_s']} rows/s)" + ("; all shards done, wrote index.json" if complete else
+                                               "; stopped at --max-shards" if stopped else ""))
+    return summary
+
+
+def load_corpus_embeddings(outdir: str | os.PathLike) -> tuple[list[Any], np.ndarray]:
+    """All ids and embeddings of a finished OUTDIR, in input order (checks that no row is missing or repeated)."""
+    out = Path(outdir)
+    if not (out / INDEX).is_file():
+        raise CorpusError(f"{out}: no {INDEX}; the encoding is unfinished (run encode-corpus again to resume).")
+    index = json.loads((out / INDEX).read_text(encoding="utf-8"))
+    ids: list[Any] = []
+    vecs = []
+    for s in index["shards"]:
+        shard_ids = [json.loads(line) for line in (out / s["ids"]).read_text(encoding="utf-8").splitlines()]
+        v = np.load(out / s["npy"])
+        if len(shard_ids) != len(v) or len(v) != s["rows"]:
+            raise CorpusError(f"{out / s['npy']}: {len(v)} vectors, {len(shard_ids)} ids, index says {s['rows']}.")
+        ids.extend(shard_ids)
+        vecs.append(v)
+    if len(ids) != index["rows"]:
+        raise CorpusError(f"{out}: {len(ids)} rows in shards, index says {index['rows']}.")
+    return ids, (np.concatenate(vecs) if vecs else np.zeros((0, index["dim"]), np.float32))

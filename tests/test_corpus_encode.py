@@ -1,0 +1,132 @@
+"""encode-corpus: shards with ids, resume after a kill equals an uninterrupted run, workers share the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import save_tiny
+
+from l2v.corpus_encode import CorpusError, CorpusJob, encode_corpus, load_corpus_embeddings
+from l2v.encoder import Encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+N, SHARD = 120, 8
+SHARDS = N // SHARD  # 15
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    model = save_tiny("llama", d / "tiny")
+    corpus = d / "c.jsonl"
+    words = "the quick brown fox jumps over lazy dog cats and dogs are pets".split()
+    with open(corpus, "w", encoding="utf-8") as fh:
+        for i in range(N):
+            fh.write(json.dumps({"id": f"doc{i}", "text": " ".join(words[(i * 7 + j) % len(words)]
+                                                                   for j in range(3 + i % 11))}) + "\n")
+            if i % 50 == 0:
+                fh.write("\n")  # blank lines are not rows
+    enc = Encoder.from_pretrained(model, dtype="float32", device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: threads only add contention
+    yield d, model, corpus, enc
+    torch.set_num_threads(threads)
+
+
+def _job(corpus, out, **kw):
+    kw.setdefault("shard_size", SHARD)
+    kw.setdefault("batch_size", 4)
+    return CorpusJob(input=str(corpus), outdir=str(out), **kw)
+
+
+def test_kill_and_resume_equals_uninterrupted(setup):
+    d, model, corpus, enc = setup
+    ref = d / "ref"
+    summary = encode_corpus(enc, _job(corpus, ref), progress=False)
+    assert summary["complete"] and summary["rows_total"] == N
+    ref_ids, ref_vecs = load_corpus_embeddings(ref)
+    assert ref_ids == [f"doc{i}" for i in range(N)] and ref_vecs.shape == (N, 32)
+
+    # a real process, killed (SIGKILL) as soon as its first shard is on disk
+    out = d / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "L2V_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "l2v", "encode-corpus", str(corpus), str(out), "-m", model, "--dtype", "float32",
+           "--device", "cpu", "--shard-size", str(SHARD), "--batch-size", "1", "-q"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("shard-*.npy")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert not (out / "index.json").exists()
+    done_before = len(list(out.glob("shard-*.npy")))
+    assert 1 <= done_before < SHARDS
+
+    # resume with the same settings (but batch size 1 was part of the job: reuse it)
+    summary = encode_corpus(enc, _job(corpus, out, batch_size=1), progress=False)
+    assert summary["complete"] and summary["shards_encoded"] == SHARDS - done_before
+    ids, vecs = load_corpus_embeddings(out)
+    assert ids == ref_ids and len(set(ids)) == N
+    np.testing.assert_allclose(vecs, ref_vecs, atol=1e-5, rtol=1e-5)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_deterministic_interruption_is_bitwise_identical_and_workers_share(setup):
+    d, model, corpus, enc = setup
+    ref_ids, ref_vecs = load_corpus_embeddings(d / "ref") if (d / "ref" / "index.json").exists() else (None, None)
+    if ref_ids is None:
+        encode_corpus(enc, _job(corpus, d / "ref"), progress=False)
+        ref_ids, ref_vecs = load_corpus_embeddings(d / "ref")
+    out = d / "stopped"
+    s1 = encode_corpus(enc, _job(corpus, out, max_shards=3), progress=False)
+    assert s1["stopped_early"] and s1["shards_encoded"] == 3 and not s1["complete"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npy")}
+    # two workers finish the job, each taking its share (k % 2 == w); finished shards are not redone
+    s_w0 = encode_corpus(enc, _job(corpus, out, worker=0, num_workers=2), progress=False)
+    s_w1 = encode_corpus(enc, _job(corpus, out, worker=1, num_workers=2), progress=False)
+    assert s_w0["shards_encoded"] + s_w1["shards_encoded"] == SHARDS - 3
+    assert not s_w0["complete"] and s_w1["complete"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npy") if p.name in mtimes} == mtimes
+    ids, vecs = load_corpus_embeddings(out)
+    assert ids == ref_ids
+    assert np.array_equal(vecs, ref_vecs)
+    # running again does nothing
+    assert encode_corpus(enc, _job(corpus, out), progress=False)["shards_encoded"] == 0
+
+
+def test_settings_mismatch_and_bad_input(setup, tmp_path):
+    d, model, corpus, enc = setup
+    out = tmp_path / "o"
+    encode_corpus(enc, _job(corpus, out, max_shards=1), progress=False)
+    with pytest.raises(CorpusError, match="other settings.*shard_size: was 8, now 5"):
+        encode_corpus(enc, _job(corpus, out, shard_size=5), progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": 3}\n{broken\n{"body": "x"}\n{"text": "fine", "id": 7}\n')
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: expected a string field 'text'"):
+        encode_corpus(enc, _job(bad, tmp_path / "b1"), progress=False)
+    s = encode_corpus(enc, _job(bad, tmp_path / "b2", skip_bad_lines=True), progress=False)
+    assert s["skipped_lines"] == 3 and s["rows_total"] == 2
+    ids, vecs = load_corpus_embeddings(tmp_path / "b2")
+    assert ids == [1, 7] and vecs.shape == (2, 32)
+    txt = tmp_path / "t.txt"
+    txt.write_text("first line\n\nthird line\n")
+    encode_corpus(enc, _job(txt, tmp_path / "t", out_dtype="float16", normalize=True), progress=False)
+    ids, vecs = load_corpus_embeddings(tmp_path / "t")
+    assert ids == [1, 3] and vecs.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(vecs.astype(np.float32), axis=1), 1, atol=2e-3)
+    with pytest.raises(ValueError, match="--worker 2"):
+        encode_corpus(enc, _job(txt, tmp_path / "w", worker=2, num_workers=2), progress=False)
+    with pytest.raises(FileNotFoundError, match="no such input"):
+        encode_corpus(enc, _job(tmp_path / "nope.txt", tmp_path / "n"), progress=False)
