@@ -19,6 +19,9 @@ OBJECTIVES: dict[str, tuple[str, str, str]] = {
              "masked next-token prediction with LoRA (LLM2Vec step 2)"),
     "simcse": ("l2v.train.config:SimCSEConfig", "l2v.train.simcse:SimCSEObjective",
                "unsupervised SimCSE: dropout views, in-batch InfoNCE (LLM2Vec step 3)"),
+    "supervised": ("l2v.train.supervised:SupervisedConfig", "l2v.train.supervised:SupervisedObjective",
+                   "supervised contrastive: query/positive/hard-negative pairs, in-batch + hard negatives, "
+                   "GradCache, torchrun (LLM2Vec step 4)"),
 }
 
 EPILOG = """examples:
@@ -26,6 +29,8 @@ EPILOG = """examples:
   l2v train simcse --model runs/mntp --steps 200 --output-dir runs/simcse
   l2v train mntp --data corpus.txt --config mntp.yaml --save-every 50
   l2v train mntp --output-dir runs/mntp --resume                      # continue after a crash
+  l2v train supervised --model runs/simcse --data pairs/ --gradcache-chunk 16  # E5-style pairs dir
+  torchrun --nproc_per_node 8 -m l2v train supervised --batch-size 512 ...   # same command, 8 GPUs
   l2v encode --model runs/simcse "a sentence"                         # use the trained encoder
 """
 

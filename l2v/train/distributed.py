@@ -89,6 +89,9 @@ def init_distributed(backend: str | None = None, device: str | None = None) -> t
                 "--nproc_per_node N -m l2v ...` or `accelerate launch -m l2v ...`.")
         dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"),
                                 rank=info.rank, world_size=info.world_size)
+        import atexit
+
+        atexit.register(cleanup)
     return current(), dev
 
 

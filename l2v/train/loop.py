@@ -264,7 +264,13 @@ def train(
     if n < cfg.batch_size:
         raise TrainingError(f"{cfg.data}: only {n} training examples, fewer than one batch "
                             f"(--batch-size {cfg.batch_size}); give more text or a smaller batch size.")
-    batches_per_epoch = n // cfg.batch_size
+    # Optional objective hooks (supervised uses them): batches(epoch) picks each epoch's batches itself (one
+    # dataset per batch); forward_backward(batch, scale) runs its own backward (GradCache, cross-rank gather);
+    # sync_gradients() runs before clipping (torch.distributed); is_main=False silences writes on other ranks.
+    custom_batches = getattr(objective, "batches", None)
+    own_backward = getattr(objective, "forward_backward", None)
+    main = getattr(objective, "is_main", True)
+    batches_per_epoch = len(custom_batches(0)) if custom_batches else n // cfg.batch_size
     params = [p for _, p in objective.trainable_parameters()]
     if not params:
         raise TrainingError(f"objective {objective.name!r} has no trainable parameters.")
@@ -279,8 +285,9 @@ def train(
         _say(cfg, f"resuming from {resumed_from} (step {start_step}/{cfg.steps})")
     elif cfg.resume:
         _say(cfg, f"--resume: no checkpoint in {run_dir / CHECKPOINTS}; starting from step 0")
-    cfg.save(run_dir / RUN_CONFIG, objective=objective.name)
-    log = MetricsLog(run_dir / METRICS, start_step if resumed_from else None)
+    if main:
+        cfg.save(run_dir / RUN_CONFIG, objective=objective.name)
+    log = MetricsLog(run_dir / METRICS, start_step if resumed_from else None) if main else _NoLog()
     setup_s = time.perf_counter() - t_setup
     autocast = autocast_context(cfg.dtype, device)
 
@@ -301,7 +308,8 @@ def train(
     order_cache: dict[int, list[int]] = {}
     objective.model.train()
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=objective.name, unit="step", disable=not cfg.progress,
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=objective.name, unit="step",
+               disable=not cfg.progress or not main,
                dynamic_ncols=True, file=sys.stderr)
     last: dict[str, float] = {}
     try:
@@ -313,18 +321,25 @@ def train(
                 epoch, index = divmod(m, batches_per_epoch)
                 if epoch not in order_cache:
                     order_cache.clear()
-                    order_cache[epoch] = epoch_order(n, cfg.seed, epoch)
-                idx = order_cache[epoch][index * cfg.batch_size:(index + 1) * cfg.batch_size]
+                    order_cache[epoch] = custom_batches(epoch) if custom_batches else epoch_order(n, cfg.seed, epoch)
+                idx = order_cache[epoch][index] if custom_batches else \
+                    order_cache[epoch][index * cfg.batch_size:(index + 1) * cfg.batch_size]
                 batch = objective.collate([objective.examples[i] for i in idx], batch_generator(cfg.seed, m))
                 with autocast:
-                    loss, extra = objective.loss(batch)
+                    if own_backward:
+                        loss, extra = own_backward(batch, 1.0 / cfg.grad_accum)
+                    else:
+                        loss, extra = objective.loss(batch)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"step {step + 1}: loss is {loss.item()}; lower --lr or use --dtype "
                                         "float32.")
-                (loss / cfg.grad_accum).backward()
+                if not own_backward:
+                    (loss / cfg.grad_accum).backward()
                 totals["loss"] = totals.get("loss", 0.0) + loss.item() / cfg.grad_accum
                 for k, v in extra.items():
                     totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
+            if hasattr(objective, "sync_gradients"):
+                objective.sync_gradients()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
                                                        else float("inf"))
             lr = scheduler.get_last_lr()[0]
@@ -341,7 +356,7 @@ def train(
                 if val:
                     log.write(step=done, split="val", **val)
                 objective.model.train()
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            if main and cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
                 save_checkpoint(run_dir, done, objective, optimizer, scheduler, cfg.keep_checkpoints)
             bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
@@ -358,6 +373,8 @@ def train(
     ran = cfg.steps - start_step
     summary.update(train_s=round(train_s, 2), s_per_step=round(train_s / ran, 4) if ran else None,
                    final_loss=_round(last.get("loss", float("nan"))), resumed_from=str(resumed_from or ""))
+    if not main:
+        return summary
     objective.save(run_dir)
     if cfg.save_every:  # the finished run is the artefact; keep one final checkpoint for later resumes/extends
         save_checkpoint(run_dir, cfg.steps, objective, optimizer, scheduler, 1)
@@ -365,6 +382,13 @@ def train(
     _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     _say(cfg, f"saved encoder to {run_dir}")
     return summary
+
+
+class _NoLog:
+    """Metrics sink for non-main ranks of a distributed run."""
+
+    def write(self, **record: Any) -> None:
+        pass
 
 
 def _evaluate(objective: Objective, autocast: contextlib.AbstractContextManager) -> dict[str, float]:

@@ -55,7 +55,7 @@ def dist_worker(rank: int, world: int, port: int, out_dir: str, n: int, chunk: i
     from safetensors.torch import save_file
 
     from l2v.train import distributed as D
-    from l2v.train.supervised import SupervisedConfig, SupervisedObjective
+    from l2v.train.supervised import PairStep, StepSettings
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -67,7 +67,7 @@ def dist_worker(rank: int, world: int, port: int, out_dir: str, n: int, chunk: i
         for name, negatives, ch in (("plain", "some", None), ("gradcache", "all", chunk)):
             enc = tiny_encoder()
             enc.model.zero_grad()
-            loss = SupervisedObjective(enc, SupervisedConfig(chunk_size=ch)).step(toy_pairs(n, negatives=negatives))
+            loss = PairStep(enc, StepSettings(chunk_size=ch)).step(toy_pairs(n, negatives=negatives))
             D.all_reduce_gradients(enc.model.parameters())
             results[f"{name}.loss"] = torch.tensor([loss])
             results.update({f"{name}.grad.{k}": v for k, v in grads(enc.model).items()})

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _pairs_helpers import dist_worker, grads, tiny_encoder, toy_pairs  # noqa: E402
 
 from l2v.train import distributed as D  # noqa: E402
-from l2v.train.supervised import SupervisedConfig, SupervisedObjective  # noqa: E402
+from l2v.train.supervised import PairStep, StepSettings  # noqa: E402
 
 
 def _free_port() -> int:
@@ -33,7 +33,7 @@ def test_two_ranks_match_single_process(tmp_path):
     for name, negatives, chunk in (("plain", "some", None), ("gradcache", "all", 2)):
         enc = tiny_encoder()
         enc.model.zero_grad()
-        loss = SupervisedObjective(enc, SupervisedConfig(chunk_size=chunk)).step(toy_pairs(n, negatives=negatives))
+        loss = PairStep(enc, StepSettings(chunk_size=chunk)).step(toy_pairs(n, negatives=negatives))
         ref = grads(enc.model)
         for r in ranks:
             assert abs(float(r[f"{name}.loss"]) - loss) < 1e-5, name

@@ -11,14 +11,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _pairs_helpers import grads, tiny_encoder, toy_pairs  # noqa: E402
 
-from l2v.train.supervised import SupervisedConfig, SupervisedObjective
+from l2v.train.supervised import PairStep, StepSettings
 
 
 def _run(chunk, negatives="all", dropout=0.0, arch="llama"):
     enc = tiny_encoder(arch, dropout=dropout)
     enc.model.zero_grad()
     torch.manual_seed(123)
-    loss = SupervisedObjective(enc, SupervisedConfig(chunk_size=chunk)).step(toy_pairs(10, negatives=negatives))
+    loss = PairStep(enc, StepSettings(chunk_size=chunk)).step(toy_pairs(10, negatives=negatives))
     return loss, grads(enc.model)
 
 
@@ -47,4 +47,4 @@ def test_gradcache_replays_dropout():
 def test_gradcache_bad_chunk():
     enc = tiny_encoder()
     with pytest.raises(ValueError, match="chunk size"):
-        SupervisedObjective(enc, SupervisedConfig(chunk_size=-1)).step(toy_pairs(4))
+        PairStep(enc, StepSettings(chunk_size=-1)).step(toy_pairs(4))
