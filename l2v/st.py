@@ -5,12 +5,14 @@ Design (works offline, no ``trust_remote_code``): sentence-transformers 6.x impo
 l2v writes a pipeline of *stock* modules that reproduces ``Encoder.encode`` exactly:
 
 * ``modules.json``: ``Transformer`` (the saved decoder, ``AutoModel``) -> ``Pooling`` (the l2v pooling mode).
-* ``config.json`` gets ``"is_causal": false`` — transformers (>= 5.2) then builds a padding-only bidirectional
-  mask in ``create_causal_mask`` (AutoConfig ignores unknown overrides, so it cannot go in ST's
-  ``config_kwargs``) — and ``"attn_implementation": "eager"`` (also in ``sentence_bert_config.json``): with SDPA, transformers skips the mask for unpadded batches and SDPA falls back to the attention
-  modules' hard-coded ``is_causal=True``, so one batch would be bidirectional and the next causal. Eager attention
-  always applies the (bidirectional) mask, so even a plain ``AutoModel.from_pretrained(dir)`` is consistently
-  bidirectional (l2v itself reloads with SDPA and flips every flag). Right padding and ``model_max_length = max_length`` match l2v.
+* ``config.json`` gets ``"is_causal": false`` (transformers >= 5.2 then builds a padding-only bidirectional mask
+  in ``create_causal_mask``; AutoConfig ignores unknown overrides, so it cannot live in ST's ``config_kwargs``)
+  and ``"attn_implementation": "eager"`` (also in ``sentence_bert_config.json``). Why eager: with SDPA,
+  transformers skips the mask for unpadded batches and SDPA falls back to the attention modules' hard-coded
+  ``is_causal=True``, so one batch would be bidirectional and the next causal. Eager attention always applies
+  the (bidirectional) mask, so even a plain ``AutoModel.from_pretrained(dir)`` is consistently bidirectional
+  (l2v itself reloads with SDPA and flips every flag). Right padding and ``model_max_length = max_length``
+  (``processor_kwargs``) match l2v's truncation.
 * ``1_Pooling/config.json``: ``include_prompt=false`` so a sentence-transformers *prompt* plays the role of an
   l2v instruction and is excluded from pooling.
 

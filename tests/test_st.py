@@ -1,0 +1,85 @@
+"""sentence-transformers 6.x loads an l2v export with stock modules and reproduces ``Encoder.encode``."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from tiny import save_tiny
+
+from l2v import Encoder, check_bidirectional
+from l2v.export import export
+from l2v.st import st_compatibility
+
+sentence_transformers = pytest.importorskip("sentence_transformers")
+SentenceTransformer = sentence_transformers.SentenceTransformer
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "a", "Cats and dogs.",
+         "Machine learning models turn text into vectors. " * 4]
+
+
+def cos(a, b):
+    a, b = np.atleast_2d(a), np.atleast_2d(b)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    return save_tiny("llama", tmp_path_factory.mktemp("st") / "base")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "weighted_mean"])
+def test_sentence_transformer_matches_encoder(base, tmp_path, pooling):
+    enc = Encoder.from_pretrained(base, pooling=pooling, dtype="float32", device="cpu", max_length=24)
+    assert st_compatibility(enc) == (True, "exact")
+    out = export(enc, tmp_path / "exp")
+    st = SentenceTransformer(str(out), device="cpu")  # no trust_remote_code: stock modules only
+    assert json.loads((out / "modules.json").read_text())[0]["type"].startswith("sentence_transformers.")
+    # Bidirectional inside sentence-transformers, proved on its own model.
+    assert check_bidirectional(st[0].model)
+    expected = enc.encode(TEXTS)  # includes a text longer than max_length (truncated the same way)
+    assert cos(st.encode(TEXTS, batch_size=4), expected).min() >= 0.9999
+    for text, vec in zip(TEXTS, expected, strict=True):  # unpadded batches of one: the SDPA-skip trap
+        assert cos(st.encode([text]), vec).min() >= 0.9999
+    np.testing.assert_allclose(st.encode(TEXTS, normalize_embeddings=True), enc.encode(TEXTS, normalize=True),
+                               atol=1e-5)
+    # An instruction = a sentence-transformers prompt, excluded from pooling.
+    if pooling == "mean":
+        inst = enc.encode([("Retrieve passages:", t) for t in TEXTS[:3]])
+        assert cos(st.encode(TEXTS[:3], prompt="Retrieve passages:"), inst).min() >= 0.9999
+        assert cos(inst, expected[:3]).min() < 0.9999  # the instruction did change the vectors
+
+
+def test_causal_export_stays_causal(base, tmp_path):
+    enc = Encoder.from_pretrained(base, bidirectional=False, dtype="float32", device="cpu")
+    out = export(enc, tmp_path / "causal")
+    st = SentenceTransformer(str(out), device="cpu")
+    assert not check_bidirectional(st[0].model)
+    assert cos(st.encode(TEXTS), enc.encode(TEXTS)).min() >= 0.9999
+    bi = Encoder.from_pretrained(base, dtype="float32", device="cpu")
+    assert cos(bi.encode(TEXTS), enc.encode(TEXTS)).min() < 0.999  # the two modes really differ here
+
+
+def test_inexact_pooling_warns(base, tmp_path):
+    enc = Encoder.from_pretrained(base, pooling="last_token", dtype="float32", device="cpu")
+    exact, reason = st_compatibility(enc)
+    assert not exact and "EOS" in reason
+    with pytest.warns(UserWarning, match="will differ"):
+        export(enc, tmp_path / "lt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export(Encoder.from_pretrained(base, pooling="bos", dtype="float32", device="cpu"), tmp_path / "bos")
+
+
+@pytest.mark.slow
+def test_default_model_in_sentence_transformers(tmp_path):
+    """The real embedded default (SmolLM2-135M), exported in fp32, loads in sentence-transformers unchanged."""
+    enc = Encoder.from_pretrained("smollm2-135m", dtype="float32", device="cpu", max_length=64)
+    assert st_compatibility(enc)[0]
+    out = export(enc, tmp_path / "smol")
+    st = SentenceTransformer(str(out), device="cpu")
+    texts = ["A man is playing a guitar.", "Stocks fell sharply on Monday after the report.", "cat"]
+    assert cos(st.encode(texts), enc.encode(texts)).min() >= 0.9999
+    assert cos(st.encode(texts[:1]), enc.encode(texts[:1])).min() >= 0.9999
