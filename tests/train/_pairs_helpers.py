@@ -75,3 +75,11 @@ def dist_worker(rank: int, world: int, port: int, out_dir: str, n: int, chunk: i
         dist.barrier()
     finally:
         D.cleanup()
+
+
+def one_thread():
+    """Generator body for an autouse fixture: tiny models run fastest on one thread (and CI machines are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

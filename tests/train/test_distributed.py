@@ -11,11 +11,15 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _pairs_helpers import dist_worker, grads, tiny_encoder, toy_pairs  # noqa: E402
+from _pairs_helpers import dist_worker, grads, one_thread, tiny_encoder, toy_pairs  # noqa: E402
 
 from l2v.train import distributed as D  # noqa: E402
 from l2v.train.supervised import PairStep, StepSettings  # noqa: E402
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    yield from one_thread()
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -9,10 +9,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _pairs_helpers import grads, tiny_encoder, toy_pairs  # noqa: E402
+from _pairs_helpers import grads, one_thread, tiny_encoder, toy_pairs  # noqa: E402
 
 from l2v.train.supervised import PairStep, StepSettings
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    yield from one_thread()
 
 def _run(chunk, negatives="all", dropout=0.0, arch="llama"):
     enc = tiny_encoder(arch, dropout=dropout)
