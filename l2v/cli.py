@@ -11,6 +11,7 @@ import sys
 # Modules under l2v.commands, in the order their commands appear in --help.
 COMMANDS = [
     "inference",  # encode, similarity, info, convert
+    "evaluate",  # eval, report, probe
     "train",  # train mntp, train simcse (l2v/commands/train.py)
     "serve",  # serve, export
     "corpus",  # encode-corpus (l2v/commands/corpus.py)

@@ -44,7 +44,7 @@ from .tasks import (
 )
 
 SUITE_VERSION = 1
-WORDNET_WORDS = 150
+WORDNET_WORDS = 100
 WORDNET_LICENSE = "WordNet 3.0 license (Princeton; free use with notice)"
 GENSIM_NOTE = "test data of the PyPI 'gensim' wheel"
 
@@ -194,7 +194,7 @@ def pang_lee_task() -> ClassificationTask:
         source=f"Pang & Lee sentence polarity, {GENSIM_NOTE}", license="research use (Cornell movie data)")
 
 
-def newsgroups_task(max_chars: int = 240) -> ClusteringTask:
+def newsgroups_task(max_chars: int = 160) -> ClusteringTask:
     from ..data.sources import newsgroups_posts
 
     rows = newsgroups_posts()
@@ -207,7 +207,7 @@ def newsgroups_task(max_chars: int = 240) -> ClusteringTask:
         source=f"20 Newsgroups (mini subset), {GENSIM_NOTE}", license="public research corpus")
 
 
-def spam_task(n_per_class: int = 100, max_chars: int = 240) -> ClassificationTask:
+def spam_task(n_per_class: int = 80, max_chars: int = 200) -> ClassificationTask:
     from ..data.sources import spam_emails
 
     rows = spam_emails()
