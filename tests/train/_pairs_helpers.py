@@ -47,7 +47,8 @@ def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-def dist_worker(rank: int, world: int, port: int, out_dir: str, n: int, chunk: int | None) -> None:
+def dist_worker(rank: int, world: int, port: int, out_dir: str, n: int, chunk: int | None,
+                loop_cfg: dict | None = None) -> None:
     """One rank of the 2-process gloo test: same model, same global batch, its own slice; saves loss + grads."""
     import os
 
@@ -72,6 +73,11 @@ def dist_worker(rank: int, world: int, port: int, out_dir: str, n: int, chunk: i
             results[f"{name}.loss"] = torch.tensor([loss])
             results.update({f"{name}.grad.{k}": v for k, v in grads(enc.model).items()})
         save_file(results, f"{out_dir}/rank{rank}.safetensors")
+        if loop_cfg is not None:  # the whole training loop, launched like torchrun would
+            from l2v.train.supervised import SupervisedConfig, train_supervised
+
+            summary = train_supervised(SupervisedConfig(**loop_cfg))
+            save_file({"final_loss": torch.tensor([summary["final_loss"]])}, f"{out_dir}/loop{rank}.safetensors")
         dist.barrier()
     finally:
         D.cleanup()

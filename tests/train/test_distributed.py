@@ -29,10 +29,26 @@ def _free_port() -> int:
 
 def test_two_ranks_match_single_process(tmp_path):
     from safetensors.torch import load_file
+    from test_supervised import _adapter, _pair_dir
+    from tiny import save_tiny
+
+    from l2v.train.supervised import SupervisedConfig, train_supervised
 
     n = 8
-    mp.start_processes(dist_worker, args=(2, _free_port(), str(tmp_path), n, 2), nprocs=2, join=True,
+    loop_cfg = dict(model=save_tiny("llama", tmp_path / "tiny"), data=str(_pair_dir(tmp_path / "pairs")), steps=2,
+                    batch_size=4, warmup_steps=0, lr=1e-3, dtype="float32", device="cpu", val_size=8,
+                    progress=False, lora_dropout=0.0, threads=1, gradcache_chunk=1,
+                    output_dir=str(tmp_path / "run2"))
+    mp.start_processes(dist_worker, args=(2, _free_port(), str(tmp_path), n, 2, loop_cfg), nprocs=2, join=True,
                        start_method="spawn")
+    # the training loop: rank 0 wrote the run; it equals a single-process run with the same global batches
+    single = train_supervised(SupervisedConfig(**{**loop_cfg, "output_dir": str(tmp_path / "run1"),
+                                                  "gradcache_chunk": 0}))
+    assert abs(float(load_file(tmp_path / "loop0.safetensors")["final_loss"]) - single["final_loss"]) < 1e-4
+    a, b = _adapter(tmp_path / "run1"), _adapter(tmp_path / "run2")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert (tmp_path / "run2" / "metrics.jsonl").is_file()
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     for name, negatives, chunk in (("plain", "some", None), ("gradcache", "all", 2)):
         enc = tiny_encoder()
