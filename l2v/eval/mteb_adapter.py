@@ -8,7 +8,7 @@
 :class:`MTEBEncoder` implements mteb's ``EncoderProtocol`` (``encode(inputs: DataLoader, *, task_metadata,
 hf_split, hf_subset, prompt_type)``, ``similarity``, ``similarity_pairwise``, ``mteb_model_meta``) by subclassing
 ``mteb.models.AbsEncoder``. Instructions follow LLM2Vec: the task's instruction (from ``instructions``, else the
-task metadata's prompt, else a generic one built from its description) goes on queries and on symmetric tasks;
+task's own prompt or mteb's default prompt for its type, else one built from its description) goes on queries and on symmetric tasks;
 documents (``prompt_type == "document"``) are embedded without one. The instruction is passed to
 ``Encoder.encode`` separately, so it is attended to but not pooled.
 """
