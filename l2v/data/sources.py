@@ -284,24 +284,26 @@ def simlex_pairs() -> list[dict]:
     return rows
 
 
-def _pickle_strings(blob: bytes) -> tuple[list[str], list[bytes]]:
-    """The unicode and byte-string literals of a protocol-0 pickle, read with ``pickletools.genops``.
+def _pickle_strings(blob: bytes) -> list[str]:
+    """Every text literal of a protocol-0/1/2 pickle, in order, read with ``pickletools.genops``.
 
     Nothing is executed: the opcodes are only listed, so a malicious pickle cannot run code here.
+    Byte strings are decoded as Latin-1 (the Python 2 ``str`` literals of the gensim file).
     """
-    unicode_args, string_args = [], []
+    out = []
     for op, arg, _pos in pickletools.genops(blob):
         if op.name in ("UNICODE", "BINUNICODE", "SHORT_BINUNICODE"):
-            unicode_args.append(arg)
+            out.append(arg)
         elif op.name in ("STRING", "BINSTRING", "SHORT_BINSTRING", "SHORT_BINBYTES", "BINBYTES"):
-            string_args.append(arg.encode("latin-1") if isinstance(arg, str) else arg)
-    return unicode_args, string_args
+            out.append(arg.decode("latin-1") if isinstance(arg, bytes) else arg)
+    return out
 
 
 def _strip_news_headers(post: str) -> str:
     """Drop the header block (it names the newsgroup, i.e. the label) but keep the Subject line."""
     head, _, body = post.partition("\n\n")
     subject = next((h[len("Subject:"):].strip() for h in head.splitlines() if h.startswith("Subject:")), "")
+    body = "\n".join(line for line in body.splitlines() if "Newsgroups:" not in line)  # quoted headers leak it
     body = re.sub(r"\n{3,}", "\n\n", body).strip()
     return (subject + "\n" + body).strip() if subject else body
 
@@ -309,23 +311,22 @@ def _strip_news_headers(post: str) -> str:
 def _build_newsgroups() -> Iterable[dict]:
     path = gensim_file("mini_newsgroup")
     try:
-        blob = zlib.decompress(path.read_bytes())
-        posts, strings = _pickle_strings(blob)
+        literals = _pickle_strings(zlib.decompress(path.read_bytes()))
     except (zlib.error, ValueError) as exc:
         raise ValueError(f"{path}: not the expected zlib-compressed sklearn Bunch ({exc}).") from exc
-    decoded = [s.decode("latin-1") for s in strings]
-    try:
-        names_at = decoded.index("target_names")
-        label_names = [decoded[names_at + 1], decoded[names_at + 2]]
-    except (ValueError, IndexError) as exc:
-        raise ValueError(f"{path}: no target_names found in the pickle's literals.") from exc
-    for post in posts:
-        group = next((h.split(":", 1)[1].strip() for h in post.split("\n\n", 1)[0].splitlines()
-                      if h.startswith("Newsgroups:")), "")
+    if "target_names" not in literals:
+        raise ValueError(f"{path}: no target_names found in the pickle's literals.")
+    label_names = []
+    for lit in literals[literals.index("target_names") + 1:]:
+        if not re.fullmatch(r"[a-z]+(\.[a-z]+)+", lit):
+            break
+        label_names.append(lit)
+    for post in literals:
+        head = post.split("\n\n", 1)[0]
+        group = next((h.split(":", 1)[1].strip() for h in head.splitlines() if h.startswith("Newsgroups:")), "")
         label = next((n for n in label_names if n in group.split(",")), None)
-        if label is None:
-            continue
-        yield {"text": _strip_news_headers(post), "label": label}
+        if label is not None:
+            yield {"text": _strip_news_headers(post), "label": label}
 
 
 def newsgroups_posts() -> list[dict]:
