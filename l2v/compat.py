@@ -98,6 +98,9 @@ class LLM2Vec:
         if pooling_mode is not None and pooling_mode not in _LLM2VEC_POOLING:
             raise ValueError(f"pooling_mode={pooling_mode!r} is not supported; choose one of "
                              f"{', '.join(_LLM2VEC_POOLING)}.")
+        base_model_name_or_path = _local(base_model_name_or_path)
+        if peft_model_name_or_path is not None:
+            peft_model_name_or_path = _local(peft_model_name_or_path)
         official = _read_llm2vec_config(peft_model_name_or_path or base_model_name_or_path)
         if isinstance(device_map, str) and device is None and device_map != "auto":
             device = device_map
@@ -175,6 +178,19 @@ class LLM2Vec:
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor | np.ndarray:
         return self.encode(*args, **kwargs)
+
+
+def _local(name: str | os.PathLike) -> str:
+    """A local directory for ``name``: itself, or the hub snapshot (from the HF cache, or downloaded when online),
+    so the official layout's files (adapter_config.json, llm2vec_config.json) can be read."""
+    if Path(name).expanduser().exists() or str(name).count("/") != 1:
+        return str(name)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(str(name))
+    except Exception:  # noqa: BLE001 - offline and not cached: let from_pretrained report it
+        return str(name)
 
 
 def _read_llm2vec_config(directory: str | os.PathLike) -> dict[str, Any]:
