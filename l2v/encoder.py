@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batching import DEFAULT_MAX_TOKENS, STREAM_CHUNK, chunk_ranges, plan_batches
 from .bidirectional import is_bidirectional, make_bidirectional
 from .checkpoints import (
     L2V_CONFIG,
@@ -29,6 +30,7 @@ from .checkpoints import (
     llm2vec_defaults,
     resolve_model_path,
 )
+from .packing import check_packing, packed_attention, packed_inputs, unpack
 from .pooling import check_pooling, pool
 
 Text = str
@@ -152,6 +154,9 @@ class Encoder(nn.Module):
         self._prefix, self._suffix = self._special_tokens()
         self._pad_id = self._pick_pad_id()
         self._takes_position_ids = "position_ids" in inspect.signature(self._forward_target().forward).parameters
+        # Pack texts into one padding-free row (see l2v.packing): None = automatic (on CPU, when the probe passes).
+        self.packing: bool | None = None
+        self._packing_probe: bool | None = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -194,6 +199,11 @@ class Encoder(nn.Module):
             # and the weights come from adapter_config.json's base_model_name_or_path.
             adapters.append(path)
             weights_path = resolve_model_path(_adapter_base(path))
+            # Official supervised adapters name the MNTP adapter dir as their base: follow the chain.
+            while ((Path(weights_path) / "adapter_config.json").is_file() and not has_model_weights(weights_path)
+                   and len(adapters) < 8):
+                adapters.insert(0, weights_path)
+                weights_path = resolve_model_path(_adapter_base(weights_path))
         if adapter is not None:
             adapters.append(str(adapter))
         official = {} if cfg is not None else llm2vec_defaults(*adapters[::-1], path)  # llm2vec_config.json
@@ -317,15 +327,31 @@ class Encoder(nn.Module):
 
     def collate(self, items: Sequence[Tokenized]) -> dict[str, torch.Tensor]:
         """Pad to the batch maximum on ``self.padding_side``; build attention, pooling masks and positions."""
+        return self._collate_padded(items, self.padding_side)
+
+    def collate_packed(self, items: Sequence[Tokenized]) -> dict[str, torch.Tensor]:
+        """One padding-free row: ``input_ids``/``position_ids`` (1, T) plus ``lengths`` (n,).
+
+        ``attention_mask``/``pool_mask`` are (n, longest) right-padded, the layout :meth:`token_states` returns
+        for a packed batch, so pooling is the same code as for padded batches. Pack equal lengths adjacently
+        (e.g. sorted) so attention runs as few, large calls.
+        """
+        batch = self._collate_padded(items, "right", with_ids=False)
+        ids, pos, lengths = packed_inputs([t.ids for t in items])
+        batch.update(input_ids=ids, position_ids=pos, lengths=torch.tensor(lengths, dtype=torch.long))
+        return batch
+
+    def _collate_padded(self, items: Sequence[Tokenized], side: str, with_ids: bool = True) -> dict[str, torch.Tensor]:
         longest = max(len(t.ids) for t in items)
         n = len(items)
-        ids = torch.full((n, longest), self._pad_id, dtype=torch.long)
+        ids = torch.full((n, longest), self._pad_id, dtype=torch.long) if with_ids else None
         attn = torch.zeros((n, longest), dtype=torch.bool)
         pool_mask = torch.zeros((n, longest), dtype=torch.bool)
         n_prefix, n_suffix = len(self._prefix), len(self._suffix)
         for row, t in enumerate(items):
-            offset = longest - len(t.ids) if self.padding_side == "left" else 0
-            ids[row, offset:offset + len(t.ids)] = torch.tensor(t.ids, dtype=torch.long)
+            offset = longest - len(t.ids) if side == "left" else 0
+            if ids is not None:
+                ids[row, offset:offset + len(t.ids)] = torch.tensor(t.ids, dtype=torch.long)
             attn[row, offset:offset + len(t.ids)] = True
             if t.start >= 0:
                 pool_mask[row, offset + t.start:offset + t.end] = True
@@ -339,8 +365,13 @@ class Encoder(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def token_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Last hidden states (batch, seq, dim) for a collated batch."""
+        """Last hidden states (batch, seq, dim) for a collated batch (a packed one comes back right padded)."""
         dev = self.device
+        if "lengths" in batch:
+            lengths = batch["lengths"].tolist()
+            with packed_attention(self.model, lengths):
+                out = self.model(input_ids=batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev))
+            return unpack(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0], lengths)
         kwargs = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}
         if self._takes_position_ids:
             kwargs["position_ids"] = batch["position_ids"].to(dev)
@@ -353,17 +384,35 @@ class Encoder(nn.Module):
         dev = hidden.device
         return pool(self.pooling, hidden, batch["pool_mask"].to(dev), batch["attention_mask"].to(dev))
 
+    def uses_packing(self) -> bool:
+        """Whether ``encode`` packs texts into padding-free rows: ``self.packing`` when set, else automatic.
+
+        Automatic: on CPU only (measured faster there; GPUs keep the padded path), and only when the packed
+        forward is proven equal to the padded one on this model (:func:`l2v.packing.check_packing`, run once).
+        """
+        if self.packing is not None:
+            return bool(self.packing)
+        if self.device.type != "cpu" or not self._takes_position_ids:
+            return False
+        if self._packing_probe is None:
+            cfg = self._forward_target().config
+            text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+            self._packing_probe = check_packing(self.model, int(getattr(text_cfg, "vocab_size", 2) or 2),
+                                                self._pad_id)
+        return self._packing_probe
+
     # ------------------------------------------------------------------- encode
     def encode(
         self,
         sentences: Item | Sequence[Item],
         instruction: str | None = None,
-        batch_size: int = 32,
+        batch_size: int = 128,
         normalize: bool = False,
         show_progress_bar: bool | None = None,
         convert_to: Literal["numpy", "torch"] = "numpy",
         normalize_embeddings: bool | None = None,
         dimensions: int | None = None,
+        max_tokens_per_batch: int | None = DEFAULT_MAX_TOKENS,
     ) -> np.ndarray | torch.Tensor:
         """Embed texts; returns (n, dim) in input order (a 1-D vector for a single string).
 
@@ -372,11 +421,19 @@ class Encoder(nn.Module):
         ``sentences``: strings, or ``(instruction, text)`` pairs; ``instruction`` applies to plain strings.
         Empty strings are valid (pooled over the special tokens). Texts longer than ``max_length`` tokens are
         truncated with one warning. Embeddings are float32 whatever the model dtype.
+
+        Batching never changes the result (up to float rounding): texts are tokenized ``STREAM_CHUNK`` at a time
+        (memory stays flat for any number of texts), sorted by length and cut into batches of at most
+        ``batch_size`` texts and ``max_tokens_per_batch`` tokens (``None``: no token limit). On CPU the texts of
+        a batch are packed into one padding-free row (``self.packing``), so the budget counts real tokens.
         """
         if normalize_embeddings is not None:
             normalize = normalize_embeddings
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if max_tokens_per_batch is not None and (isinstance(max_tokens_per_batch, bool) or not isinstance(
+                max_tokens_per_batch, int) or max_tokens_per_batch < 1):
+            raise ValueError(f"max_tokens_per_batch must be a positive integer or None, got {max_tokens_per_batch!r}.")
         if convert_to not in ("numpy", "torch"):
             raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}.")
         if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
@@ -384,7 +441,8 @@ class Encoder(nn.Module):
             raise ValueError(f"dimensions must be an integer in [1, {self.dim}] or None, got {dimensions!r}.")
         if dimensions is not None and dimensions < self.dim:
             full = self.encode(sentences, instruction=instruction, batch_size=batch_size, normalize=False,
-                               show_progress_bar=show_progress_bar, convert_to="torch")
+                               show_progress_bar=show_progress_bar, convert_to="torch",
+                               max_tokens_per_batch=max_tokens_per_batch)
             out = full[..., :dimensions].contiguous()
             if normalize:
                 out = torch.nn.functional.normalize(out, dim=-1)
@@ -393,31 +451,34 @@ class Encoder(nn.Module):
         if not texts:
             empty = torch.zeros((0, self.dim), dtype=torch.float32)
             return empty.numpy() if convert_to == "numpy" else empty
-        items = [self.tokenize_one(t, i) for t, i in zip(texts, instructions, strict=True)]
-        n_trunc = sum(t.truncated for t in items)
-        if n_trunc:
-            warnings.warn(f"{n_trunc} of {len(items)} texts were longer than max_length={self.max_length} "
-                          "tokens and were truncated.", stacklevel=2)
-        order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
         if show_progress_bar is None:
-            show_progress_bar = len(items) > 4 * batch_size
-        out = torch.empty((len(items), self.dim), dtype=torch.float32)
+            show_progress_bar = len(texts) > 4 * batch_size
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32)
         from tqdm.auto import tqdm
 
         was_training = self.model.training
         self.model.eval()
+        packed = self.uses_packing()
+        collate = self.collate_packed if packed else self.collate
+        n_trunc = 0
         try:
-            with torch.inference_mode(), tqdm(total=len(items), desc="encode", unit="text",
+            with torch.inference_mode(), tqdm(total=len(texts), desc="encode", unit="text",
                                               disable=not show_progress_bar) as bar:
-                for s in range(0, len(order), batch_size):
-                    idx = order[s:s + batch_size]
-                    emb = self.forward(self.collate([items[i] for i in idx])).float()
-                    if normalize:
-                        emb = torch.nn.functional.normalize(emb, dim=-1)
-                    out[idx] = emb.cpu()
-                    bar.update(len(idx))
+                for chunk in chunk_ranges(len(texts), STREAM_CHUNK):
+                    items = [self.tokenize_one(texts[i], instructions[i]) for i in chunk]
+                    n_trunc += sum(t.truncated for t in items)
+                    for idx in plan_batches([len(t.ids) for t in items], batch_size, max_tokens_per_batch, packed):
+                        emb = self.forward(collate([items[i] for i in idx])).float()
+                        if normalize:
+                            emb = torch.nn.functional.normalize(emb, dim=-1)
+                        out[[chunk.start + i for i in idx]] = emb.cpu()
+                        bar.update(len(idx))
+                    del items
         finally:
             self.model.train(was_training)
+        if n_trunc:
+            warnings.warn(f"{n_trunc} of {len(texts)} texts were longer than max_length={self.max_length} "
+                          "tokens and were truncated.", stacklevel=2)
         if single:
             out = out[0]
         return out.numpy() if convert_to == "numpy" else out

@@ -114,3 +114,15 @@ def test_shim_overrides_and_errors(layout, tmp_path):
     assert json.loads((tmp_path / "saved" / "llm2vec_config.json").read_text())["pooling_mode"] == "mean"
     again = LLM2Vec.from_pretrained(str(tmp_path / "saved"), device_map="cpu", torch_dtype=torch.float32)
     np.testing.assert_allclose(again.encode(TEXTS).numpy(), model.encode(TEXTS).numpy(), atol=1e-5)
+
+
+def test_supervised_adapter_alone_follows_the_chain(layout, tmp_path):
+    """Hub supervised adapters name the MNTP adapter repo as their base; loading the adapter alone follows it."""
+    chained = tmp_path / "sup-chained"
+    shutil.copytree(layout / "sup", chained)
+    cfg = json.loads((chained / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(layout / "mntp")
+    (chained / "adapter_config.json").write_text(json.dumps(cfg))
+    enc = Encoder.from_pretrained(str(chained), dtype="float32", device="cpu")
+    assert enc.pooling == "weighted_mean" and enc.max_length == 48
+    np.testing.assert_allclose(enc.encode(TEXTS), reference(layout).encode(TEXTS), atol=1e-5)
