@@ -261,7 +261,8 @@ class SupervisedObjective(Objective):
 
         save_encoder_dir(out_dir, self.encoder, self.start, self.cfg,
                          extra={"objective": "supervised", "scale": self.cfg.scale,
-                                "query_instructions": self.instructions})
+                                "query_instructions": self.instructions,
+                                "skipped_bad_lines": len(self.data.skipped) if self.data else 0})
 
 
 def train_supervised(cfg: SupervisedConfig, data: PairData | None = None, **kwargs: Any) -> dict[str, Any]:
