@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import json
 import os
@@ -286,7 +287,8 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
     cfg = config or ServeConfig()
     budget = encoder.max_length
     max_tokens = min(cfg.max_input_tokens or budget, budget)
-    expected_key = cfg.api_key.encode("utf-8") if cfg.api_key else None
+    # Compare fixed-length digests so neither the key's content nor its length shows in the timing.
+    expected_key = hashlib.sha256(cfg.api_key.encode("utf-8")).digest() if cfg.api_key else None
     tokenize_lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads at once
     state: dict[str, Any] = {}
 
@@ -311,9 +313,8 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        given = token.strip().encode("utf-8") if scheme.lower() == "bearer" else b""
-        # compare_digest on equal-purpose byte strings: time does not depend on where they differ.
-        if not hmac.compare_digest(given, expected_key):
+        given = token.strip().encode("utf-8", "replace") if scheme.lower() == "bearer" else b""
+        if not hmac.compare_digest(hashlib.sha256(given).digest(), expected_key):
             raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>').",
                            code="invalid_api_key", type_="authentication_error")
 
