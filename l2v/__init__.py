@@ -16,6 +16,7 @@ from .bidirectional import (
 from .checkpoints import DEFAULT_MODEL, L2VConfig, ModelNotFoundError
 from .encoder import Encoder
 from .pooling import POOLING_MODES
+from .train import MNTPConfig, SimCSEConfig, train_mntp, train_simcse
 
 __version__ = "0.1.0"
 
@@ -29,8 +30,10 @@ __all__ = [
     "DEFAULT_MODEL",
     "Encoder",
     "L2VConfig",
+    "MNTPConfig",
     "ModelNotFoundError",
     "POOLING_MODES",
+    "SimCSEConfig",
     "UnsupportedArchitectureError",
     "causal_attention",
     "check_bidirectional",
@@ -38,4 +41,6 @@ __all__ = [
     "load_encoder",
     "make_bidirectional",
     "make_causal",
+    "train_mntp",
+    "train_simcse",
 ]
