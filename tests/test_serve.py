@@ -228,3 +228,21 @@ def test_base64_is_little_endian_float32(server, encoder):
     r = post(server[0], json.dumps({"input": "abc", "encoding_format": "base64"}))
     vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
     np.testing.assert_allclose(vec, encoder.encode("abc", normalize=True), atol=1e-5)
+
+
+def test_batcher_direct_use_and_backpressure(encoder):
+    from l2v.serve import APIError, MicroBatcher
+
+    batcher = MicroBatcher(encoder, max_batch_tokens=64, max_batch_size=2, batch_wait_ms=1, max_queued_inputs=4)
+    try:
+        texts = ["one", "two words", "three words here", "a much longer text " * 3]
+        got = batcher.encode_sync([encoder.tokenize_one(t) for t in texts], timeout=30)
+        np.testing.assert_allclose(got.numpy(), encoder.encode(texts), atol=1e-5)
+        assert batcher.batches >= 2  # max_batch_size=2 split the work
+        with pytest.raises(APIError, match="max_queued_inputs=4") as info:
+            batcher.encode_sync([encoder.tokenize_one("x")] * 5, timeout=30)
+        assert info.value.status == 503
+    finally:
+        batcher.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        batcher.encode_sync([encoder.tokenize_one("x")])
