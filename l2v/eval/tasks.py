@@ -181,7 +181,25 @@ class RerankingTask(Task):
             run[str(i)] = {ids[j]: float(sims[j]) for j in range(len(cands))}
         scores = M.retrieval_metrics(qrels, run, (1, 10, 1000))
         return {"map": scores["map_at_1000"], "mrr_at_10": scores["mrr_at_10"],
-                "ndcg_at_10": scores["ndcg_at_10"], "precision_at_1": scores["precision_at_1"]}
+                "ndcg_at_10": scores["ndcg_at_10"], "precision_at_1": scores["precision_at_1"],
+                "random_map": self.random_map()}
+
+    def random_map(self) -> float:
+        """Expected MAP of a uniformly random ranking (the chance level to compare with)."""
+        vals = []
+        for s in self.samples:
+            n, r = len(s["positive"]) + len(s["negative"]), len(s["positive"])
+            if r == 0:
+                vals.append(0.0)
+                continue
+            # E[AP] = sum over ranks k of P(relevant at k) * E[precision at k | relevant at k] / r
+            total = 0.0
+            for k in range(1, n + 1):
+                # given a relevant doc at rank k, the other k-1 slots hold Hypergeom(n-1, r-1, k-1) relevant
+                exp_prec = (1 + (k - 1) * (r - 1) / (n - 1)) / k if n > 1 else 1.0
+                total += (r / n) * exp_prec
+            vals.append(total / r)
+        return float(sum(vals) / len(vals)) if vals else M.NAN
 
 
 @dataclass

@@ -183,3 +183,11 @@ def test_nan_scores_become_null(trigram):
     out = run_tasks(trigram, [task])
     assert out["tasks"]["const"]["main_score"] is None and out["average"] is None
     assert math.isnan(task.evaluate(EmbeddingCache(trigram))["cosine_spearman"])
+
+
+def test_reranking_random_map_matches_enumeration():
+    one = RerankingTask(name="x", samples=[{"query": "q", "positive": ["a"], "negative": ["b", "c"]}])
+    assert one.random_map() == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    # two relevant of three: the irrelevant one is at rank 1, 2 or 3 with AP (1/2+2/3)/2, (1+2/3)/2, 1
+    two = RerankingTask(name="y", samples=[{"query": "q", "positive": ["a", "b"], "negative": ["c"]}])
+    assert two.random_map() == pytest.approx(((1 / 2 + 2 / 3) / 2 + (1 + 2 / 3) / 2 + 1) / 3)
