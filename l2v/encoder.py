@@ -300,6 +300,13 @@ class Encoder(nn.Module):
                 return int(candidate)
         return 0
 
+    def _empty_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.eos_token_id, tok.bos_token_id, tok.unk_token_id):
+            if candidate is not None and candidate != tok.pad_token_id:
+                return int(candidate)
+        return self._pad_id
+
     def tokenize_one(self, text: str, instruction: str | None = None) -> Tokenized:
         """Token ids of ``[specials] instruction text [specials]`` and where the text's tokens are."""
         tok = self.tokenizer
@@ -317,9 +324,10 @@ class Encoder(nn.Module):
         ids = self._prefix + instr_ids + text_ids + self._suffix
         end = start + len(text_ids)
         if not text_ids:
-            # Empty text: pool over the special tokens so the vector is defined; with none, one pad token.
+            # Empty text: pool over the special tokens so the vector is defined; with none, one EOS-like token
+            # (not the pad token, whose embedding is often zeroed by padding_idx).
             if not self._prefix and not self._suffix:
-                ids = instr_ids + [self._pad_id]
+                ids = instr_ids + [self._empty_id()]
                 start, end = len(instr_ids), len(instr_ids) + 1
             else:
                 start, end = -1, -1

@@ -162,6 +162,8 @@ def test_empty_string_without_special_tokens():
     enc._prefix, enc._suffix = [], []
     out = enc.encode(["", "x"])
     assert np.isfinite(out).all()
+    assert np.abs(out[0]).max() > 1e-3  # not the (zeroed) padding embedding
+    assert enc.tokenize_one("").ids == [enc.tokenizer.eos_token_id]
 
 
 def test_overlong_texts_truncated_with_one_warning():
