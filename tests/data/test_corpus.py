@@ -55,3 +55,31 @@ def test_builtin_corpus_is_real_english_sentences():
     assert {"the", "of", "and"} <= set(words)
     assert 3 <= sum(len(t.split()) for t in texts[:500]) / 500 <= 60
     assert builtin_corpus(limit=5) == texts[:5]
+
+
+def test_hub_wikitext_drops_headings_and_blank_lines(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(*args, **kwargs):
+        calls.append((args, kwargs))
+        return [{"text": ""}, {"text": " = Valkyria Chronicles III = \n"}, {"text": " Senjō no Valkyria 3 is a game .\n"},
+                {"text": " = = Gameplay = = \n"}, {"text": " The game plays like its predecessors .\n"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert load_corpus("hub:wikitext-103") == ["Senjō no Valkyria 3 is a game .", "The game plays like its predecessors ."]
+    assert calls[0][0][:2] == ("Salesforce/wikitext", "wikitext-103-raw-v1")
+    assert load_corpus("hub:wiki1m_for_simcse", limit=1) == ["Senjō no Valkyria 3 is a game ."]
+    assert calls[1][0][0] == "text" and "wiki1m_for_simcse.txt" in str(calls[1][1]["data_files"])
+
+
+def test_hub_errors_are_clear_offline(monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(CorpusError, match="network access"):
+        load_corpus("hub:wikitext-103")
