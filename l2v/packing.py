@@ -1,0 +1,153 @@
+"""Padding-free ("varlen") forward: several texts packed into one row, each attending only to itself.
+
+A packed batch is one row of ``T`` tokens (the texts back to back) with per-text position ids. Every linear
+layer then multiplies exactly ``T`` real rows (no padding FLOPs, one large matmul), and attention runs per text:
+texts of equal length are contiguous (the encoder packs them sorted by length), so each run of ``n`` texts of
+length ``L`` is a free ``(n, heads, L, head_dim)`` view handed to transformers' own SDPA attention without a mask.
+
+The mechanism is generic: it registers one attention function in transformers' ``AttentionInterface`` and
+switches ``config._attn_implementation`` to it only for the duration of a packed forward. Models that do not
+route attention through that interface (or ignore ``position_ids``) would silently mix texts, so
+:func:`check_packing` proves the packed forward equals the padded one on the actual model before it is used.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+from torch import nn
+
+IMPL = "l2v_varlen"
+_GROUPS: ContextVar[list[tuple[int, int, int]] | None] = ContextVar("l2v_varlen_groups", default=None)
+_SWITCH_LOCK = threading.RLock()
+
+
+def length_groups(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal consecutive lengths as ``(start_token, n_texts, length)``."""
+    groups: list[list[int]] = []
+    start = 0
+    for n in lengths:
+        n = int(n)
+        if groups and groups[-1][2] == n:
+            groups[-1][1] += 1
+        else:
+            groups.append([start, 1, n])
+        start += n
+    return [(s, c, n) for s, c, n in groups]
+
+
+def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention for a packed row: ``query`` (1, heads, T, hd) -> (1, T, heads, hd), texts kept apart."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = _GROUPS.get()
+    if groups is None:
+        raise RuntimeError(f"attn_implementation={IMPL!r} is only valid inside l2v.packing.packed_attention().")
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention expects one packed row, got batch {query.shape[0]}.")
+    causal = bool(kwargs.pop("is_causal", None) or getattr(module, "is_causal", False))  # per text, as padded
+    outs = []
+    for start, n, length in groups:
+        span = slice(start, start + n * length)
+        q, k, v = (t[0, :, span].unflatten(1, (n, length)).transpose(0, 1) for t in (query, key, value))
+        out, _ = sdpa_attention_forward(module, q, k, v, None, is_causal=causal, **kwargs)  # (n, L, heads, hd)
+        outs.append(out.reshape(n * length, *out.shape[2:]))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    return out.unsqueeze(0), None
+
+
+def _register() -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if IMPL not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(IMPL, varlen_attention)
+
+
+def _configs(model: nn.Module) -> list:
+    out, seen = [], set()
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation") and id(cfg) not in seen:
+            seen.add(id(cfg))
+            out.append(cfg)
+    return out
+
+
+@contextmanager
+def packed_attention(model: nn.Module, lengths: Sequence[int]) -> Iterator[None]:
+    """Within this block, ``model`` treats its single input row as texts of ``lengths`` packed back to back."""
+    _register()
+    token = _GROUPS.set(length_groups(lengths))
+    with _SWITCH_LOCK:  # the config switch is model-wide: keep concurrent packed forwards from interleaving
+        configs = _configs(model)
+        previous = [cfg._attn_implementation for cfg in configs]
+        try:
+            for cfg in configs:
+                cfg._attn_implementation = IMPL
+            yield
+        finally:
+            for cfg, impl in zip(configs, previous, strict=True):
+                cfg._attn_implementation = impl
+            _GROUPS.reset(token)
+
+
+def packed_inputs(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``input_ids`` (1, T), ``position_ids`` (1, T) restarting at 0 for each text, and the lengths."""
+    lengths = [len(s) for s in sequences]
+    ids = torch.tensor([i for s in sequences for i in s], dtype=torch.long).unsqueeze(0)
+    longest = max(lengths)
+    ar = torch.arange(longest)
+    pos = torch.cat([ar[:n] for n in lengths]).unsqueeze(0)
+    return ids, pos, lengths
+
+
+def unpack(hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """(1, T, d) packed states -> (n, longest, d), right padded with zeros (differentiable)."""
+    n, longest = len(lengths), max(lengths)
+    lens = torch.as_tensor(list(lengths), device=hidden.device)
+    mask = torch.arange(longest, device=hidden.device).unsqueeze(0) < lens.unsqueeze(1)
+    out = hidden.new_zeros((n, longest, hidden.shape[-1]))
+    out[mask] = hidden[0]
+    return out
+
+
+def check_packing(model: nn.Module, vocab_size: int, pad_id: int = 0) -> bool:
+    """True when the packed forward of ``model`` matches its padded forward on a small probe.
+
+    Three texts (lengths 5, 3, 3: two length groups) are run padded (right padding, attention mask) and packed;
+    texts leaking into each other, ignored position ids or an attention path that bypasses the interface all
+    show up as a large difference.
+    """
+    try:
+        seqs = [[(7 * i + 3 * j + 5) % max(vocab_size - 1, 2) + 1 for j in range(n)] for i, n in
+                enumerate((5, 3, 3))]
+        dev = next(model.parameters()).device
+        ids, pos, lengths = packed_inputs(seqs)
+        with torch.inference_mode():
+            with packed_attention(model, lengths):
+                out = model(input_ids=ids.to(dev), position_ids=pos.to(dev))
+            packed = unpack(_last_hidden(out), lengths).float()
+            padded_ids = torch.full((3, 5), pad_id, dtype=torch.long)
+            attn = torch.zeros((3, 5), dtype=torch.long)
+            for r, s in enumerate(seqs):
+                padded_ids[r, :len(s)] = torch.tensor(s)
+                attn[r, :len(s)] = 1
+            ppos = (attn.cumsum(1) - 1).clamp_min(0)
+            ref = _last_hidden(model(input_ids=padded_ids.to(dev), attention_mask=attn.to(dev),
+                                     position_ids=ppos.to(dev))).float()
+        mask = attn.bool().to(dev)
+        diff = (packed[mask] - ref[mask]).abs().max()
+        scale = ref[mask].abs().max().clamp_min(1e-6)
+        tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+        return bool(torch.isfinite(diff)) and float(diff / scale) < tol
+    except Exception:  # noqa: BLE001 - any failure means: do not use the packed path for this model
+        return False
+
+
+def _last_hidden(out) -> torch.Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

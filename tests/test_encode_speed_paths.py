@@ -1,0 +1,151 @@
+"""Every fast encode path gives the same vectors as the plain padded one, whatever the batching or packing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny import ARCHITECTURES, tiny_model, tiny_tokenizer
+
+from l2v import Encoder, make_bidirectional
+from l2v.packing import IMPL, check_packing, length_groups, packed_attention, packed_inputs, unpack
+
+TEXTS = [
+    "short one",
+    "a much longer text that has many more tokens than the first one does, by a wide margin",
+    "mid length text here",
+    "cats",
+    "",
+    "the quick brown fox jumps over the lazy dog",
+    "dogs",
+    "paris is the capital of france",
+    "a much longer text that has many more tokens than the first one does, by a wide margin",
+]
+
+
+def make(arch: str = "llama", pooling: str = "mean", side: str = "right", bidirectional: bool = True,
+         packing: bool | None = None) -> Encoder:
+    net = tiny_model(arch, "sdpa").base_model
+    if bidirectional:
+        make_bidirectional(net)
+    enc = Encoder(net, tiny_tokenizer(side), pooling=pooling)
+    enc.packing = packing
+    return enc
+
+
+def reference(enc: Encoder, texts=TEXTS) -> np.ndarray:
+    """One text at a time, padded path: nothing to pack, nothing to pad."""
+    old, enc.packing = enc.packing, False
+    try:
+        return np.stack([enc.encode([t], batch_size=1) [0] for t in texts])
+    finally:
+        enc.packing = old
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packing_probe_accepts_every_tiny_architecture(arch):
+    """The probe proves packed == padded; it must pass where the mechanism works (all tiny archs use it)."""
+    enc = make(arch)
+    assert enc.uses_packing(), f"{arch}: packed forward does not match the padded one"
+
+
+@pytest.mark.parametrize(("arch", "pooling"), [(a, "mean") for a in ARCHITECTURES]
+                         + [("llama", p) for p in ("weighted_mean", "last_token", "bos")])
+def test_packed_equals_one_at_a_time(arch, pooling):
+    enc = make(arch, pooling, packing=True)
+    ref = reference(enc)
+    for bs, budget in ((128, 4096), (3, None), (64, 20)):
+        got = enc.encode(TEXTS, batch_size=bs, max_tokens_per_batch=budget)
+        np.testing.assert_allclose(got, ref, atol=2e-5, err_msg=f"{arch} {pooling} bs={bs} budget={budget}")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("budget", [None, 1, 64])
+def test_padded_token_budget_equals_one_at_a_time(side, budget):
+    enc = make(side=side, packing=False)
+    ref = reference(enc)
+    np.testing.assert_allclose(enc.encode(TEXTS, max_tokens_per_batch=budget), ref, atol=2e-5)
+
+
+def test_causal_model_packs_causally():
+    """Without make_bidirectional the packed path must stay causal within each text."""
+    enc = make(bidirectional=False, packing=True)
+    ref = reference(enc)
+    np.testing.assert_allclose(enc.encode(TEXTS), ref, atol=2e-5)
+    assert check_packing(enc.model, 320)
+
+
+def test_bf16_packed_close_to_fp32():
+    enc = make(packing=True)
+    ref = reference(enc)
+    enc.model.to(torch.bfloat16)
+    got = enc.encode(TEXTS)
+    keep = [i for i, t in enumerate(TEXTS) if t]  # "" pools the zero pad embedding in this tiny model
+    got, ref = got[keep], ref[keep]
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_packed_forward_is_differentiable_and_restores_config():
+    enc = make(packing=True)
+    enc.model.train()
+    items = [enc.tokenize_one(t) for t in TEXTS[:4]]
+    emb = enc.forward(enc.collate_packed(sorted(items, key=lambda t: -len(t.ids))))
+    emb.sum().backward()
+    grads = [p.grad for p in enc.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert enc.model.config._attn_implementation == "sdpa"
+
+
+def test_probe_rejects_a_model_that_mixes_texts():
+    """A model whose attention ignores the packing (plain sdpa over the whole row) must be refused."""
+    net = tiny_model("llama").base_model
+    make_bidirectional(net)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    real = ALL_ATTENTION_FUNCTIONS[IMPL] if IMPL in ALL_ATTENTION_FUNCTIONS else None
+    packed_inputs([[1]])  # module import side effects only
+    ALL_ATTENTION_FUNCTIONS.register(IMPL, lambda m, q, k, v, mask, **kw: sdpa_attention_forward(m, q, k, v, mask, **kw))
+    try:
+        from l2v import packing
+
+        orig = packing._register
+        packing._register = lambda: None
+        try:
+            assert not check_packing(net, 320)
+        finally:
+            packing._register = orig
+    finally:
+        if real is not None:
+            ALL_ATTENTION_FUNCTIONS.register(IMPL, real)
+
+
+def test_unpack_and_groups():
+    assert length_groups([5, 5, 3, 3, 3, 1]) == [(0, 2, 5), (10, 3, 3), (19, 1, 1)]
+    ids, pos, lengths = packed_inputs([[7, 8, 9], [4]])
+    assert ids.tolist() == [[7, 8, 9, 4]] and pos.tolist() == [[0, 1, 2, 0]] and lengths == [3, 1]
+    h = torch.arange(8.0).reshape(1, 4, 2)
+    assert unpack(h, [3, 1]).tolist() == [[[0, 1], [2, 3], [4, 5]], [[6, 7], [0, 0], [0, 0]]]
+
+
+def test_packed_attention_outside_context_raises():
+    net = tiny_model("llama").base_model
+    with packed_attention(net, [3]):
+        pass
+    net.config._attn_implementation = IMPL
+    try:
+        with pytest.raises(RuntimeError, match="only valid"):
+            net(input_ids=torch.tensor([[1, 2, 3]]))
+    finally:
+        net.config._attn_implementation = "sdpa"
+
+
+def test_streaming_chunks_match(monkeypatch):
+    """Chunked tokenization (STREAM_CHUNK) gives the same vectors and order as one chunk."""
+    import l2v.encoder as encoder_mod
+
+    enc = make(packing=True)
+    ref = enc.encode(TEXTS)
+    monkeypatch.setattr(encoder_mod, "STREAM_CHUNK", 5)
+    np.testing.assert_allclose(enc.encode(TEXTS), ref, atol=2e-5)
