@@ -58,7 +58,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     command = _command_line()
-    jobs: list[tuple[str | None, str | None, bool | None]] = [(s, None, None) for s in specs]
+    if args.label and len(specs) > 1:
+        raise ValueError("--label names a single run; drop it when using --compare.")
+    jobs: list[tuple[str | None, str | None, bool | None]] = [(s, args.label, None) for s in specs]
     if args.ablation:
         jobs = [(args.model, "causal", True), (args.model, "bidirectional", False)]
     for spec, label, causal in jobs:
@@ -142,6 +144,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instruction", default=None, help="instruction for local task data (queries / inputs)")
     p.add_argument("--ablation", action="store_true",
                    help="evaluate MODEL twice: causal and bidirectional attention")
+    p.add_argument("--label", default=None, help="name of this run in tables and plots (e.g. +MNTP); "
+                   "single model only")
     p.add_argument("--output", "-o", default="eval-results", help="folder for JSON results (default eval-results)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-cache", action="store_true", help="embed every request afresh (no per-run text cache)")

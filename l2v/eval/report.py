@@ -111,7 +111,8 @@ def plot_scores(runs: Sequence[dict], path: str | Path) -> Path:
         vals = [100 * (run["tasks"].get(n, {}).get("main_score") or 0.0) for n in names]
         bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, vals, width, label=run_label(run))
         for b, v in zip(bars, vals, strict=True):
-            ax.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+            ax.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, v), ha="center",
+                        va="bottom" if v >= 0 else "top", fontsize=7)
     metrics = [next(r["tasks"][n].get("main_metric", "") for r in runs if n in r["tasks"]) for n in names]
     ax.set_xticks(x, [f"{n}\n({m})" for n, m in zip(names, metrics, strict=True)], rotation=30, ha="right",
                   fontsize=8)
