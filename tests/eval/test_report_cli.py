@@ -77,6 +77,8 @@ def test_eval_and_report_commands(tiny_encoder_dir, tmp_path, capsys):
 def test_eval_bad_inputs_exit_2(tmp_path, capsys):
     assert main(["eval", "--tasks", "no-such-task", "-o", str(tmp_path)]) == 2
     assert "unknown task 'no-such-task'" in capsys.readouterr().err
+    assert main(["eval", "a", "--compare", "b", "--label", "x", "-o", str(tmp_path)]) == 2
+    assert "--label names a single run" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.json"), "-o", str(tmp_path / "r")]) == 2
     assert "no such result file" in capsys.readouterr().err
 
