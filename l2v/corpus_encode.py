@@ -7,6 +7,7 @@ Layout of OUTDIR::
     shard-000000.npy         (rows, dim) embeddings, float32 or float16, in the same order
     ...
     index.json               written once every shard exists: rows, dim, the shard list
+    runs.jsonl               one line per run of each worker: rows encoded, rows/s, bad lines skipped
 
 Row ``r`` (the r-th non-blank, valid input line) belongs to shard ``r // shard_size``; worker ``w`` of ``W``
 encodes the shards ``k`` with ``k % W == w``. A shard is written to temporary files and renamed into place, ids
@@ -32,6 +33,7 @@ import numpy as np
 
 MANIFEST = "corpus.json"
 INDEX = "index.json"
+RUN_LOG = "runs.jsonl"
 FORMAT = 1
 
 
@@ -286,6 +288,9 @@ def encode_corpus(encoder, job: CorpusJob, progress: bool = True, log=None) -> d
                "rows_encoded": encoded_rows, "skipped_lines": len(skipped), "seconds": round(elapsed, 3),
                "rows_per_s": round(encoded_rows / elapsed, 2) if elapsed > 0 else None,
                "complete": complete, "stopped_early": stopped, "outdir": str(out)}
+    with open(out / RUN_LOG, "a", encoding="utf-8") as fh:  # one line per run of each worker (O_APPEND)
+        fh.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "worker": w,
+                             "num_workers": W, **summary}) + "\n")
     if skipped:
         log(f"skipped {len(skipped)} bad line(s) (--skip-bad-lines); first: {skipped[0]}")
     log(f"worker {w}/{W}: encoded {encoded_rows} rows in {encoded_shards} shards "

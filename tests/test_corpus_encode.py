@@ -104,6 +104,9 @@ def test_deterministic_interruption_is_bitwise_identical_and_workers_share(setup
     assert np.array_equal(vecs, ref_vecs)
     # running again does nothing
     assert encode_corpus(enc, _job(corpus, out), progress=False)["shards_encoded"] == 0
+    runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert [r["shards_encoded"] for r in runs] == [3, s_w0["shards_encoded"], s_w1["shards_encoded"], 0]
+    assert all(r["rows_encoded"] == 0 or r["rows_per_s"] > 0 for r in runs)
 
 
 def test_settings_mismatch_and_bad_input(setup, tmp_path):
