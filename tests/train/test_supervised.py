@@ -151,3 +151,21 @@ def test_builtin_data_is_offline_wordnet(monkeypatch):
     data = load_pairs(paths, instructions=instr)
     assert set(data.datasets()) == {"wordnet_usage", "wordnet_define", "wordnet_synonyms"}
     assert all(e.negative for e in data.examples[:100])
+
+
+def test_resume_after_crash_is_exact(tiny_dir, tmp_path):
+    full = train_supervised(_cfg(tiny_dir, tmp_path, steps=4, output_dir=str(tmp_path / "full")))
+
+    def crash(step, metrics):
+        if step == 2:
+            raise KeyboardInterrupt("simulated crash")
+
+    cfg = _cfg(tiny_dir, tmp_path, steps=4, save_every=2, output_dir=str(tmp_path / "crash"))
+    with pytest.raises(KeyboardInterrupt):
+        train_supervised(cfg, on_step=crash)
+    resumed = train_supervised(cfg.replace(resume=True))
+    assert resumed["resumed_from"].endswith("step-0000002")
+    assert abs(resumed["final_loss"] - full["final_loss"]) < 1e-5
+    a, b = _adapter(tmp_path / "full"), _adapter(tmp_path / "crash")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
