@@ -147,7 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", default=None, help="name of this run in tables and plots (e.g. +MNTP); "
                    "single model only")
     p.add_argument("--output", "-o", default="eval-results", help="folder for JSON results (default eval-results)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--no-cache", action="store_true", help="embed every request afresh (no per-run text cache)")
     p.add_argument("--json", action="store_true", help="print the results JSON instead of a table")
     p.add_argument("--list", action="store_true", help="list the offline suite tasks and exit")

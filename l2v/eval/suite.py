@@ -296,7 +296,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def run_tasks(model: Any, tasks: Iterable[Task | str], cache: bool = True, batch_size: int = 64,
+def run_tasks(model: Any, tasks: Iterable[Task | str], cache: bool = True, batch_size: int = 128,
               label: str | None = None, progress: bool = False, skip_missing: bool = True) -> dict:
     """Evaluate ``model`` on tasks (objects or suite names); returns the results dict (see :func:`run_suite`)."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -352,7 +352,7 @@ def run_tasks(model: Any, tasks: Iterable[Task | str], cache: bool = True, batch
     }
 
 
-def run_suite(encoder: Any, tasks: Sequence[str | Task] | None = None, cache: bool = True, batch_size: int = 64,
+def run_suite(encoder: Any, tasks: Sequence[str | Task] | None = None, cache: bool = True, batch_size: int = 128,
               label: str | None = None, progress: bool = False) -> dict:
     """Run the offline suite (or ``tasks``: names, type names, Task objects) on ``encoder``.
 
