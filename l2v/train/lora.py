@@ -182,6 +182,10 @@ def build_trainable(
     base.requires_grad_(False)
     if head is not None:
         head.requires_grad_(False)
+    if frozen_dtype(cfg, device) == torch.bfloat16:
+        # Frozen weights stored in bf16 (earlier adapters were merged in fp32 above): autocast then runs the
+        # matmuls without re-casting every weight on every call, which dominated CPU steps. LoRA stays fp32.
+        (full if lm_head else base).to(torch.bfloat16)
     if cfg.bidirectional:
         make_bidirectional(base)
     if cfg.gradient_checkpointing:
@@ -198,6 +202,14 @@ def build_trainable(
         head.to(dev)
     enc = Encoder(net, tokenizer, pooling=cfg.pooling, max_length=cfg.max_length, base_model=start.base_model)
     return enc, head, start
+
+
+def frozen_dtype(cfg: Any, device: torch.device | None) -> torch.dtype:
+    """bf16 when training autocasts to bf16 (``dtype`` 'auto' on bf16 hardware, or 'bfloat16'), else fp32."""
+    from ..encoder import resolve_dtype
+
+    resolved = resolve_dtype(cfg.dtype, device or torch.device("cpu"))
+    return torch.bfloat16 if resolved == torch.bfloat16 else torch.float32
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -227,18 +239,16 @@ def save_encoder_dir(out: str | Path, encoder: Encoder, start: StartPoint, cfg: 
         shutil.rmtree(tmp, ignore_errors=True)
     adapters.append(ADAPTER_DIR)
     info = {"trained_with": "l2v", **(extra or {})}
-    if cfg.merge:
-        merged = net.merge_and_unload() if hasattr(net, "merge_and_unload") else net
-        if vocab_size is not None and merged.get_input_embeddings().weight.shape[0] != vocab_size:
-            merged.resize_token_embeddings(vocab_size)
-        tok = encoder.tokenizer
-        menc = Encoder(merged, tok, pooling=encoder.pooling, max_length=encoder.max_length,
-                       base_model=start.base_model)
-        menc.save_pretrained(out, **info, adapters_merged=adapters)
-        return out
     L2VConfig(base_model=start.base_model, adapter=adapters[0] if len(adapters) == 1 else adapters,
               pooling=encoder.pooling, bidirectional=bool(cfg.bidirectional), max_length=encoder.max_length,
               extra=info).save(out)
+    if cfg.merge:
+        # Merge from the saved adapters into fp32 base weights (the training copy may be bf16).
+        merged = Encoder.from_pretrained(str(out), dtype="float32", device="cpu")
+        net = merged.model
+        if vocab_size is not None and net.get_input_embeddings().weight.shape[0] != vocab_size:
+            net.resize_token_embeddings(vocab_size)
+        merged.save_pretrained(out, **info, adapters_merged=adapters)
     return out
 
 

@@ -72,3 +72,14 @@ def test_simcse_needs_two_sentences_per_batch():
 
     with pytest.raises(ValueError, match="batch_size >= 2"):
         SimCSEConfig(batch_size=1).validate()
+
+
+def test_bf16_training_keeps_frozen_weights_bf16_and_lora_fp32(tiny_dir, corpus, tmp_path):
+    obj = SimCSEObjective()
+    obj.setup(simcse_cfg(tiny_dir, corpus, tmp_path / "run", dtype="bfloat16"), torch.device("cpu"))
+    dtypes = {(p.requires_grad, p.dtype) for p in obj.model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = obj.loss(obj.collate(obj.examples[:4], torch.Generator()))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for _, p in obj.trainable_parameters())
