@@ -1,0 +1,248 @@
+"""How close does ``Encoder.encode`` run to this machine's matmul limit? (issue 6)
+
+One run measures, on the default model and real English text (gensim's Lee news corpus):
+  * the machine's bf16 and fp32 matmul rate (large GEMM and the model's own MLP shape, best of N);
+  * l2v ``encode`` in bf16 and fp32, and a naive Hugging Face baseline written below (AutoModel, tokenizer padding
+    to the batch maximum, batches in input order, mean pooling in a Python loop), interleaved so the ratio is
+    measured under the same load; optionally dynamic int8;
+  * sentences/s, tokens/s, model FLOP/s (2 x non-embedding params per token + attention 4 x layers x len x d
+    per token) as a fraction of the measured bf16 matmul rate, min per-text cosine against l2v fp32, peak RSS.
+
+    .venv/bin/python benchmarks/encode_speed.py            # default run (~5 min on a quiet 2-core machine)
+    .venv/bin/python benchmarks/encode_speed.py --quick    # 128 sentences, 8 documents, 1 repetition
+    .venv/bin/python benchmarks/encode_speed.py --stream 100000 --stream-layers 1   # peak memory, 100k texts
+
+Timings on a shared machine are noisy: every row is the best of ``--reps`` interleaved repetitions and the
+load average is printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from l2v import Encoder  # noqa: E402
+from l2v.data.offline import gensim_file  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 1.0, reps: int = 3) -> float:
+    """Best GFLOP/s of ``(m,k) @ (k,n)^T`` as F.linear (the op the model uses)."""
+    a, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+    torch.nn.functional.linear(a, w)
+    t = time.perf_counter()
+    torch.nn.functional.linear(a, w)
+    iters = max(1, int(seconds / reps / max(time.perf_counter() - t, 1e-6)))
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(iters):
+            torch.nn.functional.linear(a, w)
+        best = min(best, (time.perf_counter() - t) / iters)
+    return 2 * m * k * n / best / 1e9
+
+
+# ----------------------------------------------------------------------------------------------- data
+def sentences(tok, n: int, lo: int = 20, hi: int = 40) -> list[str]:
+    docs = gensim_file("lee_background.cor").read_text(encoding="utf-8").splitlines()
+    out = []
+    for d in docs:
+        for s in re.split(r"(?<=[.!?])\s+", d.strip()):
+            if lo <= len(tok(s, add_special_tokens=False)["input_ids"]) <= hi:
+                out.append(s)
+    if len(out) < n:
+        out = (out * (n // max(len(out), 1) + 1))
+    return out[:n]
+
+
+def documents(tok, n: int, length: int = 400) -> list[str]:
+    """~``length``-token documents: consecutive Lee news stories joined, cut at ``length`` tokens."""
+    docs = [d.strip() for d in gensim_file("lee_background.cor").read_text(encoding="utf-8").splitlines() if d.strip()]
+    out, i = [], 0
+    while len(out) < n:
+        text = ""
+        while len(tok(text, add_special_tokens=False)["input_ids"]) < length:
+            text = (text + " " + docs[i % len(docs)]).strip()
+            i += 1
+        ids = tok(text, add_special_tokens=False)["input_ids"][: length - 2]
+        out.append(tok.decode(ids))
+    return out
+
+
+# -------------------------------------------------------------------------------------------- naive
+def naive_encode(model, tok, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    """What most people write: pad each batch (input order) to its longest text, mean-pool example by example."""
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(texts), batch_size):
+            enc = tok(texts[s:s + batch_size], padding=True, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            for row in range(hidden.shape[0]):
+                keep = enc["attention_mask"][row].bool()
+                out.append(hidden[row][keep].float().mean(0))
+    return torch.stack(out).numpy()
+
+
+# ------------------------------------------------------------------------------------------- flops
+def model_flops(encoder: Encoder, lengths: list[int]) -> float:
+    net = encoder._forward_target()
+    cfg = net.config.get_text_config() if hasattr(net.config, "get_text_config") else net.config
+    emb = sum(p.numel() for name, p in net.named_parameters() if "embed" in name or "wte" in name or "wpe" in name)
+    non_emb = sum(p.numel() for p in net.parameters()) - emb
+    d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    attn = sum(4 * cfg.num_hidden_layers * n * n * d_attn for n in lengths)
+    return 2 * non_emb * sum(lengths) + attn
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+def timed(fn, reps: int):
+    best, out = float("inf"), None
+    for _ in range(reps):
+        gc.collect()
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def stream_memory(args) -> None:
+    """Peak RSS while encoding ``--stream`` short texts (model cut to ``--stream-layers`` layers to keep it quick)."""
+    enc = Encoder.from_pretrained(dtype="bfloat16")
+    net = enc._forward_target()
+    if args.stream_layers:
+        net.layers = net.layers[: args.stream_layers]
+    base = sentences(enc.tokenizer, 1000)
+    texts = [base[i % len(base)] for i in range(args.stream)]
+    gc.collect()
+    before = rss_mb()
+    t = time.perf_counter()
+    out = enc.encode(texts, show_progress_bar=False)
+    dt = time.perf_counter() - t
+    print(f"stream: {len(texts)} texts, {args.stream_layers or 'all'} layers, {dt:.1f}s; RSS before {before:.0f} MB, "
+          f"peak {peak_rss_mb():.0f} MB (output array {out.nbytes / 2**20:.0f} MB)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sentences", type=int, default=512, help="short sentences (20-40 tokens)")
+    ap.add_argument("--docs", type=int, default=32, help="~400-token documents")
+    ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions; best is reported")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--max-tokens", type=int, default=None, help="encode(max_tokens_per_batch=...) (default: l2v's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="encode(batch_size=...) (default: l2v's)")
+    ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 timings (fp32 reference still computed)")
+    ap.add_argument("--int8", action="store_true", help="also time dynamic int8 quantization (fp32 activations)")
+    ap.add_argument("--quick", action="store_true", help="128 sentences, 8 documents, 1 repetition, no fp32 timing")
+    ap.add_argument("--stream", type=int, default=0, help="only measure peak RSS encoding this many short texts")
+    ap.add_argument("--stream-layers", type=int, default=0, help="with --stream: keep only this many layers")
+    ap.add_argument("--json", type=str, default=None, help="also write the results here")
+    args = ap.parse_args()
+    if args.quick:
+        args.sentences, args.docs, args.reps, args.no_fp32 = 128, 8, 1, True
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.stream:
+        stream_memory(args)
+        return
+
+    load0 = os.getloadavg()
+    peaks = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        peaks[name] = max(matmul_rate(2048, 2048, 2048, dt), matmul_rate(4096, 576, 1536, dt))
+    enc16 = Encoder.from_pretrained(dtype="bfloat16")
+    enc32 = Encoder.from_pretrained(dtype="float32")
+    tok = enc16.tokenizer
+    kw = {"show_progress_bar": False}
+    if args.max_tokens is not None:
+        kw["max_tokens_per_batch"] = args.max_tokens
+    if args.batch_size is not None:
+        kw["batch_size"] = args.batch_size
+    sets = {"short": sentences(tok, args.sentences), "docs": documents(tok, args.docs)}
+    naive_tok = type(tok).from_pretrained(tok.name_or_path) if tok.name_or_path else tok
+    naive_tok.padding_side = "right"
+    if naive_tok.pad_token is None:
+        naive_tok.pad_token = naive_tok.eos_token
+    enc16.encode(sets["short"][:8], **kw)  # warm-up (+ packing probe)
+    enc32.encode(sets["short"][:8], **kw)
+
+    rows = []
+    for set_name, texts in sets.items():
+        if not texts:
+            continue
+        lengths = [len(enc16.tokenize_one(t).ids) for t in texts]
+        flops = model_flops(enc16, lengths)
+        ref = enc32.encode(texts, **kw)  # fp32 reference for cosines (and the fp32 timing below)
+        runs = {"l2v bf16": lambda t=texts: enc16.encode(t, **kw),
+                "naive bf16": lambda t=texts: naive_encode(enc16.model, naive_tok, t)}
+        if not args.no_fp32:
+            runs["l2v fp32"] = lambda t=texts: enc32.encode(t, **kw)
+            runs["naive fp32"] = lambda t=texts: naive_encode(enc32.model, naive_tok, t)
+        best = {k: float("inf") for k in runs}
+        outs = {}
+        for _ in range(args.reps):  # interleaved: each repetition runs every variant once
+            for k, fn in runs.items():
+                dt, outs[k] = timed(fn, 1)
+                best[k] = min(best[k], dt)
+        if args.int8:
+            q = Encoder(torch.ao.quantization.quantize_dynamic(enc32.model, {torch.nn.Linear}, dtype=torch.qint8),
+                        enc32.tokenizer, pooling=enc32.pooling, max_length=enc32.max_length)
+            q.encode(texts[:4], **kw)
+            best["l2v int8 (dynamic)"], outs["l2v int8 (dynamic)"] = timed(lambda t=texts, q=q: q.encode(t, **kw), 1)
+        for k, dt in best.items():
+            peak = peaks["fp32" if ("fp32" in k or "int8" in k) else "bf16"]
+            rows.append({"set": set_name, "variant": k, "texts": len(texts), "tokens": sum(lengths),
+                         "seconds": dt, "sent_per_s": len(texts) / dt, "tok_per_s": sum(lengths) / dt,
+                         "gflops": flops / dt / 1e9, "frac_bf16_peak": flops / dt / 1e9 / peaks["bf16"],
+                         "frac_own_peak": flops / dt / 1e9 / peak,
+                         "min_cos_vs_fp32": float(cosines(outs[k], ref).min()),
+                         "n_cos_below_099": int((cosines(outs[k], ref) < 0.99).sum())})
+        naive16 = best["naive bf16"]
+        for r in rows:
+            if r["set"] == set_name:
+                r["speedup_vs_naive_bf16"] = naive16 / r["seconds"]
+    load1 = os.getloadavg()
+
+    print(f"\nencode_speed  {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC  threads={args.threads}  "
+          f"torch {torch.__version__}  load avg before/after {load0[0]:.2f}/{load1[0]:.2f}")
+    print(f"matmul peak (best of 2048^3 and 4096x576x1536): bf16 {peaks['bf16']:.0f} GFLOP/s, "
+          f"fp32 {peaks['fp32']:.0f} GFLOP/s")
+    hdr = (f"{'set':6} {'variant':20} {'texts':>5} {'tok':>6} {'sent/s':>7} {'tok/s':>7} {'GFLOP/s':>8} "
+           f"{'%bf16pk':>7} {'%ownpk':>6} {'vs naive':>8} {'min cos':>8} {'<0.99':>5}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['set']:6} {r['variant']:20} {r['texts']:5d} {r['tokens']:6d} {r['sent_per_s']:7.1f} "
+              f"{r['tok_per_s']:7.0f} {r['gflops']:8.1f} {100 * r['frac_bf16_peak']:6.1f}% "
+              f"{100 * r['frac_own_peak']:5.1f}% {r['speedup_vs_naive_bf16']:7.2f}x {r['min_cos_vs_fp32']:8.4f} {r['n_cos_below_099']:5d}")
+    print(f"peak RSS {peak_rss_mb():.0f} MB (both models loaded)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"peaks": peaks, "rows": rows, "load": [load0, load1],
+                                               "args": vars(args)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
