@@ -287,7 +287,15 @@ def select_tasks(spec: Sequence[str | Task] | None) -> list[Task | str]:
         else:
             raise ValueError(f"unknown task {key!r}: use a suite task ({', '.join(SUITE)}), a task type "
                              f"({', '.join(sorted(set(_TYPES.values())))}), 'all', or a path to task data.")
-    return list(dict.fromkeys(out))
+    seen: set[str] = set()
+    unique: list[Task | str] = []
+    for item in out:  # drop repeated names (Task objects are kept as given: dataclasses are unhashable)
+        if isinstance(item, str):
+            if item in seen:
+                continue
+            seen.add(item)
+        unique.append(item)
+    return unique
 
 
 def _clean(value: Any) -> Any:

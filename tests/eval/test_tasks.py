@@ -166,6 +166,8 @@ def test_select_tasks_names_types_and_errors():
     assert set(suite_mod.select_tasks(["clustering"])) == {"wordnet-lexnames", "newsgroups-topics"}
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         suite_mod.select_tasks(["nope"])
+    task = STSTask(name="mine", sentences1=["a"], sentences2=["b"], scores=[1.0])
+    assert suite_mod.select_tasks([task, "simlex999", "STS"]) == [task, "simlex999"]
 
 
 def test_suite_has_enough_real_tasks():
