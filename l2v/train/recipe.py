@@ -27,7 +27,7 @@ class Recipe:
     simcse_max_length: int = 32
     simcse_lr: float = 1e-4
     warmup_steps: int = 4
-    max_texts: int | None = 20000
+    max_texts: int | None = 4000
     val_size: int = 32
     dtype: str = "auto"
     device: str | None = None
