@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .io import atomic_directory, atomic_write_text
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct", "default"}
@@ -43,7 +43,7 @@ class L2VConfig:
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / L2V_CONFIG
-        _atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
         return path
 
     @classmethod
@@ -125,17 +125,9 @@ def convert_gguf(gguf_path: str | os.PathLike, target: str | os.PathLike) -> Pat
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {gguf_path}: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -213,15 +205,3 @@ def llm2vec_defaults(*directories: str | os.PathLike | None) -> dict[str, Any]:
             out["max_length"] = data["max_length"]
         return out
     return {}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .io import iter_lines
+
 MANIFEST = "corpus.json"
 INDEX = "index.json"
 RUN_LOG = "runs.jsonl"
@@ -91,49 +93,39 @@ def iter_rows(path: str | os.PathLike, field: str = "text", id_field: str | None
     """
     path = Path(path)
     is_jsonl = path.suffix in (".jsonl", ".ndjson")
-    with open(path, encoding="utf-8", newline="") as fh:
-        lineno = 0
-        while True:
-            try:
-                line = fh.readline()
-            except UnicodeDecodeError as exc:
-                raise CorpusError(f"{path}:{lineno + 1}: not UTF-8 text ({exc.reason}).") from exc
-            if not line:
-                return
-            lineno += 1
-            text = line.rstrip("\r\n")
-            if not text.strip():
-                continue
-            if not is_jsonl:
-                yield lineno, text
-                continue
-            try:
-                rec = json.loads(text)
-                if not isinstance(rec, dict):
-                    raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}.")
-                value = rec.get(field)
-                if not isinstance(value, str):
-                    raise CorpusError(f"{path}:{lineno}: expected a string field {field!r}"
-                                      + (f", got {type(value).__name__}." if field in rec else
-                                         f"; keys present: {sorted(rec)[:8]} (choose one with --field)."))
-                rid = rec.get(id_field, lineno) if id_field else lineno
-                if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-                    raise CorpusError(f"{path}:{lineno}: id field {id_field!r} must be a string or integer, "
-                                      f"got {type(rid).__name__}.")
-            except json.JSONDecodeError as exc:
-                err = CorpusError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}).")
-                if not skip_bad_lines:
-                    raise err from exc
-                if skipped is not None:
-                    skipped.append(str(err))
-                continue
-            except CorpusError as err:
-                if not skip_bad_lines:
-                    raise
-                if skipped is not None:
-                    skipped.append(str(err))
-                continue
-            yield rid, value
+    for lineno, text in iter_lines(path, CorpusError):
+        if not text.strip():
+            continue
+        if not is_jsonl:
+            yield lineno, text
+            continue
+        try:
+            rec = json.loads(text)
+            if not isinstance(rec, dict):
+                raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}.")
+            value = rec.get(field)
+            if not isinstance(value, str):
+                raise CorpusError(f"{path}:{lineno}: expected a string field {field!r}"
+                                  + (f", got {type(value).__name__}." if field in rec else
+                                     f"; keys present: {sorted(rec)[:8]} (choose one with --field)."))
+            rid = rec.get(id_field, lineno) if id_field else lineno
+            if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+                raise CorpusError(f"{path}:{lineno}: id field {id_field!r} must be a string or integer, "
+                                  f"got {type(rid).__name__}.")
+        except json.JSONDecodeError as exc:
+            err = CorpusError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno}).")
+            if not skip_bad_lines:
+                raise err from exc
+            if skipped is not None:
+                skipped.append(str(err))
+            continue
+        except CorpusError as err:
+            if not skip_bad_lines:
+                raise
+            if skipped is not None:
+                skipped.append(str(err))
+            continue
+        yield rid, value
 
 
 def count_lines(path: str | os.PathLike) -> int:

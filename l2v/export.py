@@ -7,12 +7,11 @@ The result reloads with ``Encoder.from_pretrained(dir)`` without peft or the ori
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .encoder import Encoder
+from .io import atomic_directory
 
 
 def export(encoder: Encoder, outdir: str | os.PathLike, sentence_transformers: bool = True,
@@ -21,9 +20,7 @@ def export(encoder: Encoder, outdir: str | os.PathLike, sentence_transformers: b
     out = Path(outdir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: exists and is not empty; choose a new directory or pass overwrite=True.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         encoder.save_pretrained(tmp, **extra)
         leftovers = [p.name for p in tmp.iterdir() if p.name.startswith("adapter_")]
         if leftovers:
@@ -32,10 +29,4 @@ def export(encoder: Encoder, outdir: str | os.PathLike, sentence_transformers: b
             from .st import write_sentence_transformers_files
 
             write_sentence_transformers_files(encoder, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

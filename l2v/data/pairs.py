@@ -26,6 +26,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..io import iter_lines
+
 
 class PairDataError(ValueError):
     """Bad pair data; the message starts with ``file:line``."""
@@ -136,27 +138,18 @@ def load_pairs(paths: str | os.PathLike | Iterable[str | os.PathLike], skip_bad_
     """Read pair files; with ``instructions`` (a map file or dict), attach each dataset's instruction."""
     data = PairData(examples=[])
     for path in expand_paths(paths):
-        with open(path, encoding="utf-8") as fh:
-            n = 0
-            while True:
-                try:
-                    line = fh.readline()
-                except UnicodeDecodeError as exc:
-                    raise PairDataError(f"{path}:{n + 1}: not UTF-8 text ({exc.reason}).") from exc
-                if not line:
-                    break
-                n += 1
-                where = f"{path}:{n}"
-                try:
-                    ex = parse_pair(line, where, default_dataset=path.stem)
-                except PairDataError as exc:
-                    if not skip_bad_lines:
-                        raise
-                    data.skipped.append(str(exc))
-                    continue
-                if ex is not None:
-                    data.examples.append(ex)
-                    data.files.setdefault(ex.dataset, str(path))
+        for n, line in iter_lines(path, PairDataError):
+            where = f"{path}:{n}"
+            try:
+                ex = parse_pair(line, where, default_dataset=path.stem)
+            except PairDataError as exc:
+                if not skip_bad_lines:
+                    raise
+                data.skipped.append(str(exc))
+                continue
+            if ex is not None:
+                data.examples.append(ex)
+                data.files.setdefault(ex.dataset, str(path))
     if not data.examples:
         names = ", ".join(str(p) for p in expand_paths(paths))
         raise PairDataError(f"{names}: no usable pairs" + (f" ({len(data.skipped)} bad lines skipped)"

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoints import _atomic_write_text
+from ..io import atomic_write_text as _atomic_write_text
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"

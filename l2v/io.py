@@ -1,0 +1,70 @@
+"""Crash-safe file output and line-numbered text input, shared by every module that reads or writes files.
+
+Writers build the result beside the target and publish it with one ``os.replace``, so a killed or disk-full
+run never leaves a half-written file where a good one stood. Readers report ``file:line`` for bad input.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary sibling and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``target``, on error it is removed.
+
+    ``fsync=True`` flushes every file to disk before the rename publishes them (checkpoints).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if fsync:
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def iter_lines(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, line)`` (1-based, line ending removed), streaming.
+
+    A line that is not UTF-8 raises ``error("path:N: not UTF-8 text ...")`` instead of a codec traceback.
+    """
+    with open(path, encoding="utf-8", newline="") as fh:
+        lineno = 0
+        while True:
+            try:
+                line = fh.readline()
+            except UnicodeDecodeError as exc:
+                raise error(f"{path}:{lineno + 1}: not UTF-8 text ({exc.reason}).") from exc
+            if not line:
+                return
+            lineno += 1
+            yield lineno, line.rstrip("\r\n")
