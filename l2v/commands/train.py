@@ -60,10 +60,12 @@ def run(args: argparse.Namespace, config_cls: Any, objective_path: str, name: st
     if args.print_config:
         print(json.dumps({"objective": name, **cfg.to_dict()}, indent=2))
         return 0
+    from ..train.distributed import env_info
     from ..train.loop import train
 
     summary = train(cfg, _load(objective_path)())
-    print(json.dumps(summary, indent=2, default=str))
+    if env_info().is_main:  # under torchrun, one summary rather than one per rank
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 

@@ -23,11 +23,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io import atomic_directory
 from ..io import atomic_write_text as _atomic_write_text
 from .config import TrainConfig
 
@@ -159,21 +158,11 @@ def save_checkpoint(run_dir: Path, step: int, objective: Objective, optimizer: t
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}.", dir=root))
-    try:
+    with atomic_directory(final, fsync=True) as tmp:  # fsync: durable before the rename publishes it
         weights = {n: p.detach().to("cpu").contiguous() for n, p in objective.trainable_parameters()}
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": _rng_state()}, tmp / "state.pt")
-        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep:
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
