@@ -35,6 +35,9 @@ class StartPoint:
     base_model: str
     adapters: list[str] = field(default_factory=list)
     tokenizer_path: str | None = None
+    # The starting encoder's inference max length: training crops texts shorter (e.g. 128 for SimCSE), but the
+    # saved encoder must keep embedding full-length texts.
+    max_length: int = 512
 
 
 def _adapter_list(value: Any) -> list[str]:
@@ -57,6 +60,7 @@ def resolve_start(model: str | None, adapter: str | None = None) -> StartPoint:
             start = StartPoint(weights_path=resolve_model_path(lcfg.base_model), base_model=lcfg.base_model)
         start.adapters = [str((p / a).resolve()) for a in _adapter_list(lcfg.adapter)]
         start.tokenizer_path = str(p) if _has_tokenizer(p) else start.weights_path
+        start.max_length = lcfg.max_length
     elif (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
         base = _adapter_config(p).get("base_model_name_or_path")
         if not base:
@@ -240,7 +244,8 @@ def save_encoder_dir(out: str | Path, encoder: Encoder, start: StartPoint, cfg: 
     adapters.append(ADAPTER_DIR)
     info = {"trained_with": "l2v", **(extra or {})}
     L2VConfig(base_model=start.base_model, adapter=adapters[0] if len(adapters) == 1 else adapters,
-              pooling=encoder.pooling, bidirectional=bool(cfg.bidirectional), max_length=encoder.max_length,
+              pooling=encoder.pooling, bidirectional=bool(cfg.bidirectional),
+              max_length=max(start.max_length, encoder.max_length),
               extra=info).save(out)
     if cfg.merge:
         # Merge from the saved adapters into fp32 base weights (the training copy may be bf16).

@@ -106,7 +106,8 @@ def test_saved_encoder_loads_alone_and_matches_training_model(tiny_dir, corpus, 
     out = tmp_path / "run"
     cfg = json.loads((out / "l2v_config.json").read_text())
     assert cfg["adapter"] == "adapter" and cfg["base_model"] == str(Path(tiny_dir).resolve())
-    assert cfg["bidirectional"] is True and cfg["pooling"] == "mean" and cfg["max_length"] == 128
+    # Training crops texts to 128 tokens; the saved encoder keeps the inference length it started with (512).
+    assert cfg["bidirectional"] is True and cfg["pooling"] == "mean" and cfg["max_length"] == 512
     ad = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert ad["r"] == 16 and {m.split(".")[-1] for m in ad["target_modules"]} >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                              "up_proj", "down_proj"}
