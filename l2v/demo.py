@@ -16,6 +16,9 @@ import re
 import sys
 import time
 
+# Queries carry an instruction (tokenised with the query, not pooled), as in LLM2Vec retrieval; without it the
+# short queries match poorly with both the untrained and the briefly trained encoder.
+SEARCH_INSTRUCTION = "Given a query, retrieve a news sentence about it: "
 QUERIES = [
     "bushfires threaten homes near Sydney",
     "cricket match result",
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + _table(before, after))
     docs = news_sentences()
     doc_vecs = enc.encode(docs, normalize=True, show_progress_bar=False)
-    q_vecs = enc.encode(QUERIES, normalize=True)
+    q_vecs = enc.encode(QUERIES, instruction=SEARCH_INSTRUCTION, normalize=True)
     print(f"\nsemantic search over {len(docs)} news sentences with the trained encoder:")
     for q, row in zip(QUERIES, q_vecs @ doc_vecs.T, strict=True):
         j = int(row.argmax())
