@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import iter_lines
+from .io import atomic_file, iter_lines
 
 MANIFEST = "corpus.json"
 INDEX = "index.json"
@@ -139,16 +139,8 @@ def count_lines(path: str | os.PathLike) -> int:
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb", fsync=True) as fh:
+        write(fh)
 
 
 def shard_done(outdir: Path, k: int) -> bool:

@@ -12,20 +12,34 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary sibling and a rename."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", fsync: bool = False) -> Iterator[IO]:
+    """Yield a file open on a temporary sibling of ``path`` (``mode`` "w" is UTF-8 text, "wb" bytes); on success
+    it is renamed over ``path``, on error removed. ``fsync=True`` makes the bytes durable before the rename."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as fh:
+            yield fh
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary sibling and a rename."""
+    with atomic_file(path) as fh:
+        fh.write(text)
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import iter_lines
+from ..io import atomic_file, atomic_write_text, iter_lines
 
 
 class PairDataError(ValueError):
@@ -271,16 +271,13 @@ class PairBatchSampler:
 def write_pairs(path: str | os.PathLike, examples: Iterable[PairExample | dict]) -> int:
     """Write examples as jsonl (atomically); returns the count."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_file(path) as fh:
         for ex in examples:
             rec = ex if isinstance(ex, dict) else {"query": ex.query, "positive": ex.positive,
                                                    **({"negative": ex.negative} if ex.negative else {})}
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 
@@ -359,7 +356,6 @@ def default_pair_dir(per_dataset: int = 20000) -> Path:
     built = build_wordnet_pairs(wordnet_entries(), per_dataset=per_dataset)
     for name, rows in built.items():
         write_pairs(folder / f"{name}.jsonl", rows)
-    tmp = folder / ".instructions.json.tmp"
-    tmp.write_text(json.dumps(WORDNET_INSTRUCTIONS, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / "instructions.json")  # written last: marks the folder complete
+    # Written last: marks the folder complete.
+    atomic_write_text(folder / "instructions.json", json.dumps(WORDNET_INSTRUCTIONS, indent=2) + "\n")
     return folder

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..checkpoints import cache_dir
+from ..io import atomic_file
 from .offline import DataSourceMissing, gensim_file
 
 __all__ = [
@@ -92,13 +93,10 @@ def _cached_jsonl(name: str, build: Callable[[], Iterable[dict]], what: str) -> 
         _note(f"{path}: stale or unreadable cache; rebuilding.")
     _note(f"building {what} into {path} (first use; cached afterwards)...")
     rows = list(build())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_file(path) as fh:
         fh.write(json.dumps({"l2v_format": FORMAT_VERSION, "rows": len(rows)}) + "\n")
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return rows
 
 

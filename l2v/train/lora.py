@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 from ..bidirectional import make_bidirectional
 from ..checkpoints import L2V_CONFIG, L2VConfig, is_default_model, resolve_model_path
 from ..encoder import Encoder
+from ..io import atomic_directory
 
 ADAPTER_DIR = "adapter"
 _DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
@@ -235,12 +235,8 @@ def save_encoder_dir(out: str | Path, encoder: Encoder, start: StartPoint, cfg: 
         name = f"merged_{i}"  # applied (merged) before the new adapter, in this order
         _replace_dir(Path(src), out / name)
         adapters.append(name)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out))
-    try:
+    with atomic_directory(out / ADAPTER_DIR) as tmp:
         net.save_pretrained(str(tmp), safe_serialization=True)
-        _replace_tree(tmp, out / ADAPTER_DIR)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     adapters.append(ADAPTER_DIR)
     info = {"trained_with": "l2v", **(extra or {})}
     L2VConfig(base_model=start.base_model, adapter=adapters[0] if len(adapters) == 1 else adapters,
@@ -260,21 +256,8 @@ def save_encoder_dir(out: str | Path, encoder: Encoder, start: StartPoint, cfg: 
 def _replace_dir(src: Path, dst: Path) -> None:
     if src.resolve() == dst.resolve():
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    _replace_tree(tmp, dst)
-
-
-def _replace_tree(tmp: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dst)
+    with atomic_directory(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def warn_if_base_differs(adapter_dir: str | Path, weights_path: str) -> None:
