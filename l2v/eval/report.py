@@ -95,6 +95,17 @@ def markdown_table(runs: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _save_figure(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_scores(runs: Sequence[dict], path: str | Path) -> Path:
     """Grouped bars: per task, one bar per run (main score x100)."""
     import matplotlib
@@ -120,12 +131,7 @@ def plot_scores(runs: Sequence[dict], path: str | Path) -> Path:
     ax.set_title("l2v offline suite")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, path)
 
 
 def plot_ablation(runs: Sequence[dict], path: str | Path) -> Path:
@@ -148,12 +154,7 @@ def plot_ablation(runs: Sequence[dict], path: str | Path) -> Path:
     ax.set_title("ablation")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, path)
 
 
 def write_report(runs: Sequence[dict], output: str | Path, ablation: Sequence[dict] | None = None,

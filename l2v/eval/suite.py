@@ -194,14 +194,20 @@ def pang_lee_task() -> ClassificationTask:
         source=f"Pang & Lee sentence polarity, {GENSIM_NOTE}", license="research use (Cornell movie data)")
 
 
+def _balanced(rows: list[dict], n_per_class: int, key_field: str,
+              labels: Sequence[str] | None = None) -> list[dict]:
+    """``n_per_class`` rows per label (``labels`` order, default sorted), picked by a stable hash of ``key_field``
+    so the sample is the same on every machine."""
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: _stable_key(r[key_field])):
+        by_label[r["label"]].append(r)
+    return [r for label in (labels or sorted(by_label)) for r in by_label[label][:n_per_class]]
+
+
 def newsgroups_task(n_per_class: int = 60, max_chars: int = 150) -> ClusteringTask:
     from ..data.sources import newsgroups_posts
 
-    rows = newsgroups_posts()
-    by_label: dict[str, list[dict]] = defaultdict(list)
-    for r in sorted(rows, key=lambda r: _stable_key(r["text"])):
-        by_label[r["label"]].append(r)
-    rows = [r for label in sorted(by_label) for r in by_label[label][:n_per_class]]
+    rows = _balanced(newsgroups_posts(), n_per_class, key_field="text")
     return ClusteringTask(
         name="newsgroups-topics", texts=[truncate(r["text"], max_chars) for r in rows],
         labels=[r["label"] for r in rows],
@@ -214,11 +220,7 @@ def newsgroups_task(n_per_class: int = 60, max_chars: int = 150) -> ClusteringTa
 def spam_task(n_per_class: int = 60, max_chars: int = 150) -> ClassificationTask:
     from ..data.sources import spam_emails
 
-    rows = spam_emails()
-    by_label: dict[str, list[dict]] = defaultdict(list)
-    for r in sorted(rows, key=lambda r: _stable_key(r["id"])):
-        by_label[r["label"]].append(r)
-    chosen = [r for label in ("ham", "spam") for r in by_label[label][:n_per_class]]
+    chosen = _balanced(spam_emails(), n_per_class, key_field="id", labels=("ham", "spam"))
     return ClassificationTask(
         name="spam-assassin", texts=[truncate(r["text"], max_chars) for r in chosen],
         labels=[r["label"] for r in chosen],
