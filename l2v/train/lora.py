@@ -22,6 +22,7 @@ from ..bidirectional import make_bidirectional
 from ..checkpoints import L2V_CONFIG, L2VConfig, is_default_model, resolve_model_path
 from ..encoder import Encoder
 from ..io import atomic_directory
+from .dropout import use_fast_dropout
 
 ADAPTER_DIR = "adapter"
 _DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
@@ -202,6 +203,14 @@ def build_trainable(
         raise ValueError(f"--lora-targets {cfg.lora_targets}: {exc}") from exc
     dev = device or torch.device("cpu")
     net.to(dev)
+    if dev.type == "cpu":
+        use_fast_dropout(net)  # peft's LoRA dropout via bernoulli_ was a quarter of a CPU SimCSE step
+    if frozen_dtype(cfg, device) == torch.bfloat16:
+        # Training runs under bf16 autocast: peft would otherwise copy every LoRA input to fp32 (the adapter
+        # weights' dtype) only for autocast to copy it back to bf16 for the matmul.
+        for module in net.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
     if head is not None:
         head.to(dev)
     enc = Encoder(net, tokenizer, pooling=cfg.pooling, max_length=cfg.max_length, base_model=start.base_model)
