@@ -227,17 +227,37 @@ def test_dtype_resolution():
 # ---------------------------------------------------------------- the real default model
 @pytest.mark.slow
 def test_default_model_bf16_matches_fp32(default_encoder):
+    """bf16 (the CPU default) against fp32 on the default model, on hand-picked and on 128 real news sentences.
+
+    Causal: every text >= 0.99. Bidirectional (untrained): the bulk matches closely, but a few texts in a hundred
+    are hypersensitive to rounding (massive activations in hidden dim 507; benchmarks/RESULTS.md "bf16 against
+    fp32"), so the tail bound is looser there. A broken bf16 path (pooling, masks, dtype) fails every bound.
+    """
+    import re
+
+    from l2v import causal_attention
+    from l2v.data.offline import gensim_file
     from l2v.encoder import cpu_supports_bf16
 
     sentences = ["A man is playing a guitar.", "The stock market fell sharply today.", "",
                  "Cats sleep most of the day.", "Quantum computers use qubits to perform calculations."]
+    lee = gensim_file("lee_background.cor").read_text(encoding="utf-8").splitlines()
+    news = [s for d in lee for s in re.split(r"(?<=[.!?])\s+", d.strip()) if 60 <= len(s) <= 220][:128]
+    assert len(news) == 128
     fp32 = Encoder.from_pretrained("smollm2-135m", dtype="float32")
-    ref = fp32.encode(sentences, normalize=True)
     if cpu_supports_bf16():
         assert default_encoder.dtype == torch.bfloat16  # bf16 by default on capable CPUs
-    bf16 = Encoder.from_pretrained("smollm2-135m", dtype="bfloat16").encode(sentences, normalize=True)
-    cos = (ref * bf16).sum(1)
-    assert cos.min() >= 0.99, cos
+    bf16 = Encoder.from_pretrained("smollm2-135m", dtype="bfloat16")
+
+    def cosines(texts):
+        return (fp32.encode(texts, normalize=True) * bf16.encode(texts, normalize=True)).sum(1)
+
+    assert cosines(sentences).min() >= 0.99
+    bi = cosines(news)
+    assert np.median(bi) >= 0.999 and (bi >= 0.99).mean() >= 0.95 and bi.min() >= 0.9, np.sort(bi)[:8]
+    with causal_attention(fp32.model), causal_attention(bf16.model):
+        causal = cosines(news)
+    assert causal.min() >= 0.99, np.sort(causal)[:8]
 
 
 @pytest.mark.slow
