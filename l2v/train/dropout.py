@@ -2,14 +2,17 @@
 
 ``torch.nn.Dropout`` draws its mask with ``bernoulli_``, which on CPU generates one random number per element
 through a scalar path: on a SimCSE step (LoRA dropout on 7 projections x 30 layers) it took a quarter of the
-step. Here the mask comes from 64-bit random words split into 16-bit lanes (4 mask elements per draw, one
-vectorised comparison), so p is honoured to 1/65536. Same semantics as ``nn.Dropout`` (inverted scaling,
-identity in eval mode, independent mask per call, driven by torch's default generator, so checkpointed RNG
-state still gives exact resume). Only swapped in on CPU: CUDA's own dropout is already fast.
+step. Here the mask comes from 64-bit random words split into four 16-bit lanes (one vectorised comparison),
+so p is honoured to 1/65536. On CPU the words come from numpy's SFC64 generator (3x faster than torch's
+Mersenne Twister here), seeded by one draw from torch's generator per call, so ``torch.manual_seed`` and the
+checkpointed torch RNG state still make runs reproducible and resumable. Same semantics as ``nn.Dropout``
+otherwise (inverted scaling, identity in eval mode, an independent mask per call). Only swapped in on CPU:
+CUDA's own dropout is already fast.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,9 +26,14 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     n = 1
     for s in shape:
         n *= int(s)
-    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + _LANES - 1) // _LANES,), dtype=torch.int64,
-                          device=device, generator=generator)
-    lanes = words.view(torch.int16)[:n].view(shape)
+    words = (n + _LANES - 1) // _LANES
+    if torch.device(device).type == "cpu":
+        seed = int(torch.randint(0, (1 << 63) - 1, (), generator=generator))
+        raw = torch.from_numpy(np.random.SFC64(seed).random_raw(words).view(np.int16))
+    else:
+        raw = torch.randint(-(1 << 63), (1 << 63) - 1, (words,), dtype=torch.int64, device=device,
+                            generator=generator).view(torch.int16)
+    lanes = raw[:n].view(shape)
     # int16 lanes are uniform on [-32768, 32767]: P(lane < t) = (t + 32768) / 65536 = p
     return lanes >= round(p * _SPAN) - _SPAN // 2
 
