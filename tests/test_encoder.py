@@ -276,3 +276,36 @@ def test_default_model_is_bidirectional(default_encoder):
         causal = default_encoder.encode(texts, normalize=True)
     assert default_encoder.bidirectional  # restored after the context manager
     assert (bi * causal).sum(1).max() < 0.999
+
+
+def test_compile_matches_eager_and_training_stays_eager():
+    torch.manual_seed(0)
+    enc = tiny_encoder("llama")
+    texts = ["a b c", "the quick brown fox jumps", "", "mid length text here", "cats"] * 3
+    ref = enc.encode(texts, normalize=False)
+    assert enc.compile() is enc and enc.packing is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a compile failure would fall back with a warning
+        out = enc.encode(texts, normalize=False)
+        again = enc.encode(texts[:4] + ["one more text of another length"], normalize=False)  # new shapes
+    assert np.allclose(out, ref, atol=1e-4)
+    assert np.allclose(again[:4], ref[:4], atol=1e-4)
+    assert enc._compile_checked and "_compiled" not in dict(enc.named_modules())
+    assert not any(k.startswith("_compiled") for k in enc.state_dict())
+    batch = enc.collate([enc.tokenize_one(t) for t in texts[:2]])
+    emb = enc.forward(batch)  # gradients on: the eager model
+    assert emb.requires_grad
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    enc = tiny_encoder("llama")
+    ref = enc.encode(["a b c", "cats"])
+    enc.compile()
+
+    def broken(**kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    object.__setattr__(enc, "_compiled", broken)
+    with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
+        out = enc.encode(["a b c", "cats"])
+    assert np.allclose(out, ref, atol=1e-5) and enc._compiled is None and enc.packing is None
