@@ -33,6 +33,18 @@ def test_encode_args_to_npy(model_dir, tmp_path):
     assert v.shape[0] == 2 and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("command", ["encode", "encode-corpus"])
+def test_compile_flag_opts_in(model_dir, command):
+    from l2v.commands.inference import load_from_args
+
+    extra = ["x"] if command == "encode" else ["in.txt", "outdir"]
+    args = build_parser().parse_args([command, *extra, "-m", model_dir, "--dtype", "float32", "--compile"])
+    enc = load_from_args(args)
+    assert enc._compiled is not None and enc.packing is False  # compiled lazily, on the first encode
+    args = build_parser().parse_args([command, *extra, "-m", model_dir, "--dtype", "float32"])
+    assert load_from_args(args)._compiled is None
+
 def test_encode_file_and_stdin_jsonl(model_dir, tmp_path, monkeypatch):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "a"}\n{"text": "b c"}\n\n')

