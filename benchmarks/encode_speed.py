@@ -11,6 +11,7 @@ One run measures, on the default model and real English text (gensim's Lee news 
     .venv/bin/python benchmarks/encode_speed.py            # default run (~5 min on a quiet 2-core machine)
     .venv/bin/python benchmarks/encode_speed.py --quick    # 128 sentences, 8 documents, 1 repetition
     .venv/bin/python benchmarks/encode_speed.py --stream 100000 --stream-layers 1   # peak memory, 100k texts
+    .venv/bin/python benchmarks/encode_speed.py --compile  # also time Encoder.compile()
 
 Timings on a shared machine are noisy: every row is the best of ``--reps`` interleaved repetitions and the
 load average is printed with the table.
@@ -160,6 +161,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="encode(batch_size=...) (default: l2v's)")
     ap.add_argument("--no-fp32", action="store_true", help="skip the fp32 timings (the fp32 reference still runs)")
     ap.add_argument("--int8", action="store_true", help="also time dynamic int8 quantization (fp32 activations)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time Encoder.compile() (bf16; compile time reported separately)")
     ap.add_argument("--quick", action="store_true", help="128 sentences, 8 documents, 1 repetition, no fp32 timing")
     ap.add_argument("--stream", type=int, default=0, help="only measure peak RSS encoding this many short texts")
     ap.add_argument("--stream-layers", type=int, default=0, help="with --stream: keep only this many layers")
@@ -192,6 +195,13 @@ def main() -> None:
         naive_tok.pad_token = naive_tok.eos_token
     enc16.encode(sets["short"][:8], **kw)  # warm-up (+ packing probe)
     enc32.encode(sets["short"][:8], **kw)
+    compiled, compile_s = None, 0.0
+    if args.compile:  # compile (and see every batch shape once) before anything is timed
+        compiled = Encoder.from_pretrained(dtype="bfloat16").compile()
+        t0 = time.perf_counter()
+        for texts in sets.values():
+            compiled.encode(texts, **kw)
+        compile_s = time.perf_counter() - t0
 
     rows = []
     for set_name, texts in sets.items():
@@ -205,6 +215,8 @@ def main() -> None:
         adj["l2v fp32"], outs["l2v fp32"] = flops / best["l2v fp32"] / 1e9 / probe, ref
         runs = {"l2v bf16": lambda t=texts: enc16.encode(t, **kw),
                 "naive bf16": lambda t=texts: naive_encode(enc16.model, naive_tok, t)}
+        if compiled is not None:
+            runs["l2v bf16 compiled"] = lambda t=texts: compiled.encode(t, **kw)
         if not args.no_fp32:  # fp32 is timed once (it is ~3x slower); bf16 is the target
             probe = matmul_rate(4096, 576, 1536, torch.float32, 0.3, 1)
             best["naive fp32"], outs["naive fp32"] = timed(lambda t=texts: naive_encode(enc32.model, naive_tok, t), 1)
@@ -250,7 +262,9 @@ def main() -> None:
         print(f"{r['set']:6} {r['variant']:20} {r['texts']:5d} {r['tokens']:6d} {r['sent_per_s']:7.1f} "
               f"{r['tok_per_s']:7.0f} {r['gflops']:8.1f} {100 * r['frac_bf16_peak']:6.1f}% "
               f"{100 * r['frac_own_peak']:5.1f}% {_pct(r['frac_adjacent_peak'])} {r['speedup_vs_naive_bf16']:7.2f}x {r['min_cos_vs_fp32']:8.4f} {r['n_cos_below_099']:5d}")
-    print(f"peak RSS {peak_rss_mb():.0f} MB (both models loaded)")
+    print(f"peak RSS {peak_rss_mb():.0f} MB (both models loaded" + (", plus the compiled copy)" if compiled else ")"))
+    if compiled is not None:
+        print(f"compile + first pass over both sets: {compile_s:.0f} s (not in the rows above)")
     print("%bf16pk: model FLOP/s / bf16 peak measured at start; %ownpk: / the peak of the variant's own dtype;\n"
           "%adjpk: / the same dtype's 4096x576x1536 matmul rate measured just before that run (robust to load).")
     if args.json:
