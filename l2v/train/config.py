@@ -108,10 +108,10 @@ class TrainConfig:
         return asdict(self)
 
     def save(self, path: str | Path, objective: str | None = None) -> None:
-        from ..io import atomic_write_text as _atomic_write_text
+        from ..io import atomic_write_text
 
         data = {"objective": objective, **self.to_dict()} if objective else self.to_dict()
-        _atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
+        atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
 
     def replace(self: C, **changes: Any) -> C:
         cfg = dataclasses.replace(self, **changes)

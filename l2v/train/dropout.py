@@ -12,6 +12,8 @@ CUDA's own dropout is already fast.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -23,9 +25,7 @@ _SPAN = 1 << 16
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu",
               generator: torch.Generator | None = None) -> torch.Tensor:
     """Boolean mask, True with probability ``1 - p`` (p quantised to 1/65536), independent per element."""
-    n = 1
-    for s in shape:
-        n *= int(s)
+    n = math.prod(shape)
     words = (n + _LANES - 1) // _LANES
     if torch.device(device).type == "cpu":
         seed = int(torch.randint(0, (1 << 63) - 1, (), generator=generator))

@@ -35,8 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_directory
-from ..io import atomic_write_text as _atomic_write_text
+from ..io import atomic_directory, atomic_write_text
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -208,7 +207,7 @@ class MetricsLog:
                     continue
                 if rec.get("step", 0) <= resume_step and rec.get("event") != "end":
                     keep.append(line)
-            _atomic_write_text(path, "".join(line + "\n" for line in keep))
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def write(self, **record: Any) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -368,7 +367,7 @@ def train(
     if cfg.save_every:  # the finished run is the artefact; keep one final checkpoint for later resumes/extends
         save_checkpoint(run_dir, cfg.steps, objective, optimizer, scheduler, 1)
     log.write(step=cfg.steps, event="end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))})
-    _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     _say(cfg, f"saved encoder to {run_dir}")
     return summary
 

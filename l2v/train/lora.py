@@ -187,7 +187,8 @@ def build_trainable(
     base.requires_grad_(False)
     if head is not None:
         head.requires_grad_(False)
-    if frozen_dtype(cfg, device) == torch.bfloat16:
+    bf16_frozen = frozen_dtype(cfg, device) == torch.bfloat16
+    if bf16_frozen:
         # Frozen weights stored in bf16 (earlier adapters were merged in fp32 above): autocast then runs the
         # matmuls without re-casting every weight on every call, which dominated CPU steps. LoRA stays fp32.
         (full if lm_head else base).to(torch.bfloat16)
@@ -205,7 +206,7 @@ def build_trainable(
     net.to(dev)
     if dev.type == "cpu":
         use_fast_dropout(net)  # peft's LoRA dropout via bernoulli_ was a quarter of a CPU SimCSE step
-    if frozen_dtype(cfg, device) == torch.bfloat16:
+    if bf16_frozen:
         # Training runs under bf16 autocast: peft would otherwise copy every LoRA input to fp32 (the adapter
         # weights' dtype) only for autocast to copy it back to bf16 for the matmul.
         for module in net.modules():
