@@ -3,6 +3,7 @@ fraction of this machine's bf16 matmul rate, measured in the same run.
 
     python benchmarks/train_speed.py                 # MNTP 8x128 and SimCSE 32x32 (two views), bf16 and fp32
     python benchmarks/train_speed.py --steps 3 --only simcse --dtypes bfloat16
+    python benchmarks/train_speed.py --only simcse --dtypes bfloat16 --compile   # eager and torch.compile rows
 
 Each configuration runs in its own subprocess so peak RSS is per configuration. Model FLOPs count what a step
 must compute with a frozen base and LoRA: forward (2 x params x tokens + attention) and the input-gradient half
@@ -59,7 +60,7 @@ def _long_texts(tokenizer, n: int, tokens: int) -> list[str]:
     return out
 
 
-def run_one(name: str, dtype: str, steps: int, threads: int | None) -> dict:
+def run_one(name: str, dtype: str, steps: int, threads: int | None, compile: bool = False) -> dict:
     import torch
 
     from l2v.train.config import MNTPConfig, SimCSEConfig
@@ -81,6 +82,8 @@ def run_one(name: str, dtype: str, steps: int, threads: int | None) -> dict:
     t0 = time.perf_counter()
     obj.setup(cfg, device)
     setup_s = time.perf_counter() - t0
+    if compile:
+        obj.encoder.compile(training=True)  # what `--compile` does in the training loop
     texts = _long_texts(obj.encoder.tokenizer, batch, tokens)
     items = [obj.encoder.tokenize_one(t) for t in texts]
     assert all(len(t.ids) == tokens for t in items), "texts were not truncated to the target length"
@@ -98,7 +101,11 @@ def run_one(name: str, dtype: str, steps: int, threads: int | None) -> dict:
         opt.zero_grad(set_to_none=True)
         return {"loss": loss.item(), **extra, "_batch": b}
 
-    step(0)  # warm-up (allocations, autocast caches)
+    t0 = time.perf_counter()
+    step(0)  # warm-up (allocations, autocast caches; with --compile: the compilation)
+    first_step_s = time.perf_counter() - t0
+    if compile and "_compiled_train" not in obj.encoder._compile_checked:
+        raise RuntimeError("torch.compile fell back to eager; the compiled row would be meaningless")
     bf16_rate = matmul_rate("bfloat16", seconds=2.0)  # same process, same moment: the fair denominator
     times, masked = [], 0
     for i in range(steps):
@@ -117,7 +124,8 @@ def run_one(name: str, dtype: str, steps: int, threads: int | None) -> dict:
         fwd += 2 * d * c.vocab_size * masked
     flops = 2 * fwd  # forward + input-gradient backward
     s = sorted(times)[len(times) // 2]
-    return {"config": name, "dtype": dtype, "batch": batch, "tokens": tokens, "views": 2 if objective_name ==
+    return {"config": name, "dtype": dtype, "compiled": compile, "first_step_s": round(first_step_s, 1),
+            "batch": batch, "tokens": tokens, "views": 2 if objective_name ==
             "simcse" else 1, "steps": steps, "s_per_step_median": round(s, 3), "s_per_step_min": round(min(times), 3),
             "tokens_per_s": round(tok_total / s, 1), "model_flops_per_step": flops,
             "achieved_tflops": round(flops / s / 1e12, 4), "setup_s": round(setup_s, 1),
@@ -133,10 +141,14 @@ def main() -> None:
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time each configuration with torch.compile (training=True); compile time excluded")
     ap.add_argument("--_one", nargs=2, metavar=("CONFIG", "DTYPE"), help=argparse.SUPPRESS)
+    ap.add_argument("--_compiled", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one:
-        print("RESULT " + json.dumps(run_one(args._one[0], args._one[1], args.steps, args.threads)))
+        print("RESULT " + json.dumps(run_one(args._one[0], args._one[1], args.steps, args.threads,
+                                             args._compiled)))
         return
     import torch
 
@@ -150,31 +162,37 @@ def main() -> None:
           flush=True)
     results = []
     names = [args.only] if args.only else list(CONFIGS)
-    for name in names:
-        for dt in args.dtypes.split(","):
-            cmd = [sys.executable, __file__, "--_one", name, dt, "--steps", str(args.steps)]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not line:
-                print(f"{name} {dt}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            r = json.loads(line[0][7:])
-            r["mfu_of_bf16_matmul"] = round(r["achieved_tflops"] * 1e12 / peak["bfloat16"], 3)
-            r["load_after"] = round(os.getloadavg()[0], 2)
-            results.append(r)
-            print("measured " + json.dumps(r), flush=True)
+    runs = [(name, dt, comp) for name in names for dt in args.dtypes.split(",")
+            for comp in ((False, True) if args.compile else (False,))]
+    for name, dt, comp in runs:
+        cmd = [sys.executable, __file__, "--_one", name, dt, "--steps", str(args.steps)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        if comp:
+            cmd.append("--_compiled")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(f"{name} {dt}{' compiled' if comp else ''}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        r = json.loads(line[0][7:])
+        r["mfu_of_bf16_matmul"] = round(r["achieved_tflops"] * 1e12 / peak["bfloat16"], 3)
+        r["load_after"] = round(os.getloadavg()[0], 2)
+        results.append(r)
+        print("measured " + json.dumps(r), flush=True)
     print()
-    print("| config | dtype | batch x tokens | s/step (median) | tokens/s | model TFLOP/s | bf16 matmul TFLOP/s "
-          "(same process) | fraction of it | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    eager = {(r["config"], r["dtype"]): r["s_per_step_median"] for r in results if not r["compiled"]}
+    print("| config | dtype | compiled | batch x tokens | s/step (median) | vs eager | first step s | tokens/s | "
+          "model TFLOP/s | bf16 matmul TFLOP/s (same process) | fraction of it | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         views = " x 2 views" if r["views"] == 2 else ""
-        print(f"| {r['config']} | {r['dtype']} | {r['batch']} x {r['tokens']}{views} | {r['s_per_step_median']} | "
+        base = eager.get((r["config"], r["dtype"]))
+        ratio = f"{base / r['s_per_step_median']:.2f}x" if base else "-"
+        print(f"| {r['config']} | {r['dtype']} | {'yes' if r['compiled'] else 'no'} | {r['batch']} x "
+              f"{r['tokens']}{views} | {r['s_per_step_median']} | {ratio} | {r['first_step_s']} | "
               f"{r['tokens_per_s']} | {r['achieved_tflops']:.3f} | {r['bf16_matmul_tflops_here']:.3f} | "
-              f"{r['mfu_here']:.0%} | "
-              f"{r['peak_rss_mb']:.0f} |")
+              f"{r['mfu_here']:.0%} | {r['peak_rss_mb']:.0f} |")
     end_load = os.getloadavg()
     print(f"\nload average at end: {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}")
     if args.json:

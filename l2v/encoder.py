@@ -157,7 +157,10 @@ class Encoder(nn.Module):
         # Pack texts into one padding-free row (see l2v.packing): None = automatic (on CPU, when the probe passes).
         self.packing: bool | None = None
         self._packing_probe: bool | None = None
-        object.__setattr__(self, "_compiled", None)  # set by compile(); kept out of the module tree / state dict
+        # Set by compile(); kept out of the module tree and the state dict.
+        object.__setattr__(self, "_compiled", None)
+        object.__setattr__(self, "_compiled_train", None)
+        self._compile_checked: set[str] = set()  # which of the two ran once without failing
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -384,39 +387,48 @@ class Encoder(nn.Module):
         kwargs = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}
         if self._takes_position_ids:
             kwargs["position_ids"] = batch["position_ids"].to(dev)
-        if self._compiled is not None and not torch.is_grad_enabled():
-            out = self._run_compiled(kwargs)
-        else:
-            out = self.model(**kwargs)
+        out = self._run_compiled(kwargs, torch.is_grad_enabled())
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    def compile(self, **compile_kwargs: Any) -> Encoder:
-        """Opt in to ``torch.compile`` for inference (``encode``); returns ``self``.
+    def compile(self, training: bool = False, **compile_kwargs: Any) -> Encoder:
+        """Opt in to ``torch.compile`` for inference (``encode``), or with ``training=True`` for training; returns ``self``.
 
         Fuses the elementwise work between the matmuls (norms, rotary, activations, residual adds). Measured on the
-        default model, 2 CPU cores, bf16: ~11% faster than the default packed path after a one-time compile of
-        ~110 s (``benchmarks/RESULTS.md``), so it pays from roughly 40k short texts. ``encode`` then uses the padded
-        layout (the packed path's per-length attention would split the graph); shapes are dynamic, so new batch
-        shapes do not recompile. Training and other forwards with gradients keep the eager model. If compilation
-        fails (e.g. no C++ compiler for the CPU backend), ``encode`` warns once and runs eagerly.
+        default model, 2 CPU cores, bf16 (``benchmarks/RESULTS.md``): inference ~11% faster than the default packed
+        path after a one-time compile of ~110 s, so it pays from roughly 40k short texts; a SimCSE training step
+        ~1.4x faster after ~4 minutes of compiling. Inference then uses the padded layout (the packed path's
+        per-length attention would split the graph). ``training=True`` compiles the forwards that run with
+        gradients (forward and backward); ``training=False`` leaves them eager. Shapes are dynamic, so new batch
+        shapes do not recompile. If compilation fails (e.g. no C++ compiler for the CPU backend), the encoder warns
+        once and runs eagerly.
         """
-        object.__setattr__(self, "_compiled", torch.compile(self.model, **{"dynamic": True, **compile_kwargs}))
-        self._compile_checked = False
-        self.packing = False
+        compiled = torch.compile(self.model, **{"dynamic": True, **compile_kwargs})
+        if training:
+            object.__setattr__(self, "_compiled_train", compiled)
+        else:
+            object.__setattr__(self, "_compiled", compiled)
+            self.packing = False
+        self._compile_checked.discard("_compiled_train" if training else "_compiled")
         return self
 
-    def _run_compiled(self, kwargs: dict[str, torch.Tensor]) -> Any:
-        if self._compile_checked:
-            return self._compiled(**kwargs)
+    def _run_compiled(self, kwargs: dict[str, torch.Tensor], grad: bool) -> Any:
+        """The model's forward through the compiled module for this grad mode, if any; eager on failure."""
+        attr = "_compiled_train" if grad else "_compiled"
+        compiled = getattr(self, attr)
+        if compiled is None:
+            return self.model(**kwargs)
+        if attr in self._compile_checked:
+            return compiled(**kwargs)
         try:
-            out = self._compiled(**kwargs)
+            out = compiled(**kwargs)
         except Exception as exc:  # noqa: BLE001 - any backend failure: fall back, never lose the job
             warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                          "encoding without compilation.", stacklevel=3)
-            object.__setattr__(self, "_compiled", None)
-            self.packing = None
+                          f"{'training' if grad else 'encoding'} without compilation.", stacklevel=3)
+            object.__setattr__(self, attr, None)
+            if not grad:
+                self.packing = None
             return self.model(**kwargs)
-        self._compile_checked = True
+        self._compile_checked.add(attr)
         return out
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -309,3 +309,23 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
         out = enc.encode(["a b c", "cats"])
     assert np.allclose(out, ref, atol=1e-5) and enc._compiled is None and enc.packing is None
+
+
+def test_training_compile_uses_the_compiled_model_with_gradients_and_falls_back():
+    enc = tiny_encoder("llama")
+    batch = enc.collate([enc.tokenize_one(t) for t in ["a b c", "the quick brown fox"]])
+    ref = enc.forward(batch).detach()
+    assert enc.compile(training=True) is enc and enc.packing is None  # inference layout untouched
+    calls = []
+
+    def broken(**kwargs):
+        calls.append(1)
+        raise RuntimeError("no C++ compiler")
+
+    object.__setattr__(enc, "_compiled_train", broken)
+    with torch.no_grad():
+        enc.forward(batch)  # no gradients: not the training graph
+    assert not calls
+    with pytest.warns(UserWarning, match="torch.compile failed.*training without compilation"):
+        out = enc.forward(batch)
+    assert calls and out.requires_grad and torch.allclose(out, ref, atol=1e-5) and enc._compiled_train is None

@@ -52,6 +52,9 @@ class TrainConfig:
     """Autocast: 'auto' (bf16 where the CPU/GPU runs it natively), 'bfloat16', 'float16' or 'float32'."""
     device: str | None = None
     gradient_checkpointing: bool = False
+    compile: bool = False
+    """torch.compile the model's training forward and backward: a one-time compile (~4 min for the default model
+    on 2 CPU cores), then ~1.4x faster SimCSE steps there; worth it for runs of a few hundred steps or more."""
     threads: int | None = None
     # LoRA
     lora_r: int = 16
@@ -136,6 +139,10 @@ class TrainConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {self.max_length}.")
+        if self.compile and self.gradient_checkpointing:
+            raise ValueError("compile and gradient_checkpointing cannot be combined: transformers' checkpointing "
+                             "breaks the compiled graph, so the layers would run eagerly; use compile for speed or "
+                             "gradient_checkpointing for memory.")
 
 
 @dataclass

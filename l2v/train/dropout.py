@@ -8,10 +8,16 @@ Mersenne Twister here), seeded by one draw from torch's generator per call, so `
 checkpointed torch RNG state still make runs reproducible and resumable. Same semantics as ``nn.Dropout``
 otherwise (inverted scaling, identity in eval mode, an independent mask per call). Only swapped in on CPU:
 CUDA's own dropout is already fast.
+
+The mask is drawn inside a custom operator (``l2v::dropout_keep``) so ``torch.compile`` keeps it as one opaque
+call instead of breaking the graph at numpy or falling back to inductor's per-element generator (measured 3x
+slower than this on CPU). The operator carries a per-module salt so that compilation never merges two dropouts
+applied to the same input (q, k and v LoRA branches each get their own mask, as in eager mode).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -38,6 +44,20 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     return lanes >= round(p * _SPAN) - _SPAN // 2
 
 
+@torch.library.custom_op("l2v::dropout_keep", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def dropout_keep(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
+    """Boolean keep mask shaped like ``x`` (x's values are not read). ``salt`` only keeps calls distinct."""
+    return keep_mask(x.shape, p, x.device)
+
+
+@dropout_keep.register_fake
+def _dropout_keep_fake(x: torch.Tensor, p: float, salt: int) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.bool)  # contiguous, like keep_mask
+
+
+_salts = itertools.count()
+
+
 class FastDropout(nn.Module):
     """Drop-in ``nn.Dropout`` whose mask is cheap to draw on CPU."""
 
@@ -46,12 +66,13 @@ class FastDropout(nn.Module):
         if not 0 <= p < 1:
             raise ValueError(f"dropout probability must be in [0, 1), got {p!r}")
         self.p = float(p)
+        self.salt = next(_salts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        scale = keep_mask(x.shape, self.p, x.device).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-        return x * scale
+        # The mask stays boolean (no float copy of it); torch.compile fuses the scale and the select into one pass.
+        return torch.where(dropout_keep(x, self.p, self.salt), x * (1.0 / (1.0 - self.p)), 0.0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -245,6 +245,12 @@ def train(
 
     t_setup = time.perf_counter()
     objective.setup(cfg, device)
+    if cfg.compile:
+        encoder = getattr(objective, "encoder", None)
+        if encoder is None or not hasattr(encoder, "compile"):
+            raise TrainingError(f"--compile: objective {objective.name!r} has no encoder to compile.")
+        encoder.compile(training=True)
+        _say(cfg, "--compile: the first step compiles the model (a few minutes on CPU; later steps are faster)")
     n = len(objective.examples)
     if n == 0:
         raise TrainingError(f"{cfg.data}: no training examples left (after holding out {cfg.val_size} for "

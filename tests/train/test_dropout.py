@@ -94,3 +94,26 @@ def test_lora_training_on_cpu_uses_fast_dropout(tiny_dir, corpus, tmp_path):
     # under bf16 autocast peft must not copy LoRA inputs to fp32 and back
     flags = [m.cast_input_dtype_enabled for m in obj.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert flags and not any(flags)
+
+
+def test_compiles_without_graph_breaks_and_keeps_masks_distinct():
+    """Under torch.compile the mask stays one opaque op: two dropouts of the same input are not merged."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = FastDropout(0.5), FastDropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.a(x), self.b(x)
+
+    torch.manual_seed(3)
+    net = torch.compile(Two().train(), fullgraph=True)  # fullgraph: a graph break would raise
+    x = torch.ones(128, 128, requires_grad=True)
+    a, b = net(x)
+    assert not torch.equal(a, b)
+    for y in (a, b):
+        assert set(y.unique().tolist()) <= {0.0, 2.0}
+        assert abs((y != 0).float().mean().item() - 0.5) < 0.03
+    a.sum().backward()
+    assert torch.equal(x.grad, a.detach())  # d(x * scale)/dx = scale, and x is all ones

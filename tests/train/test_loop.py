@@ -146,3 +146,47 @@ def test_rng_state_roundtrip():
     x = torch.rand(3)
     L._set_rng_state(state)
     assert torch.equal(x, torch.rand(3))
+
+
+# ---------------------------------------------------------------- --compile
+@pytest.mark.parametrize("kind", ["mntp", "simcse"])
+def test_compiled_training_matches_eager_without_dropout(tiny_dir, corpus, tmp_path, kind):
+    make, objective = (mntp_cfg, MNTPObjective) if kind == "mntp" else (simcse_cfg, SimCSEObjective)
+    kw = dict(steps=3, lora_dropout=0.0, **({"attention_dropout": 0.0} if kind == "simcse" else {}))
+    eager = L.train(make(tiny_dir, corpus, tmp_path / "eager", **kw), objective())
+    obj = objective()
+    compiled = L.train(make(tiny_dir, corpus, tmp_path / "compiled", compile=True, **kw), obj)
+    assert obj.encoder._compiled_train is not None and "_compiled_train" in obj.encoder._compile_checked
+    a, b = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert a[1] != a[3]
+    for step in (1, 2, 3):
+        assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
+    assert abs(eager["after"]["val_loss"] - compiled["after"]["val_loss"]) < 1e-4
+
+
+def test_compiled_training_resumes_exactly_and_draws_every_dropout_mask(tiny_dir, corpus, tmp_path, monkeypatch):
+    import l2v.train.dropout as D
+
+    calls = []
+    real = D.keep_mask
+    monkeypatch.setattr(D, "keep_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(steps=4, save_every=2, compile=True)
+    obj = SimCSEObjective()
+    seen: list[int] = []
+    full = L.train(simcse_cfg(tiny_dir, corpus, tmp_path / "full", **kw), obj,
+                   on_step=lambda step, metrics: seen.append(len(calls)))
+    n_dropouts = sum(isinstance(m, D.FastDropout) for m in obj.model.modules())
+    per_step = {b - a for a, b in zip(seen, seen[1:], strict=False)}
+    assert n_dropouts and per_step == {n_dropouts}  # the compiled step draws every LoRA mask; none merged away
+    with pytest.raises(Crash):
+        L.train(simcse_cfg(tiny_dir, corpus, tmp_path / "cut", **kw), SimCSEObjective(), on_step=_crash_at(3))
+    resumed = L.train(simcse_cfg(tiny_dir, corpus, tmp_path / "cut", resume=True, **kw), SimCSEObjective())
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    for step in (3, 4):
+        assert abs(a[step] - b[step]) < 1e-3, (step, a[step], b[step])
+    assert abs(full["final_loss"] - resumed["final_loss"]) < 1e-3
+
+
+def test_compile_with_gradient_checkpointing_is_refused(tiny_dir, corpus, tmp_path):
+    with pytest.raises(ValueError, match="compile and gradient_checkpointing"):
+        simcse_cfg(tiny_dir, corpus, tmp_path / "run", compile=True, gradient_checkpointing=True).validate()

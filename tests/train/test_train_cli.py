@@ -20,6 +20,11 @@ def test_print_config_merges_file_and_options(tmp_path, capsys):
                  "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert (cfg["objective"], cfg["steps"], cfg["lora_r"], cfg["mask_token"]) == ("mntp", 11, 8, "eos")
+    assert cfg["compile"] is False
+    assert main(["train", "simcse", "--compile", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["compile"] is True
+    assert main(["train", "simcse", "--compile", "--gradient-checkpointing", "--print-config"]) == 2
+    assert "compile and gradient_checkpointing cannot be combined" in capsys.readouterr().err
 
 
 def test_mntp_then_simcse_from_the_command_line(tiny_dir, corpus, tmp_path, capsys):
