@@ -396,7 +396,7 @@ class Encoder(nn.Module):
         Fuses the elementwise work between the matmuls (norms, rotary, activations, residual adds). Measured on the
         default model, 2 CPU cores, bf16 (``benchmarks/RESULTS.md``): inference ~11% faster than the default packed
         path after a one-time compile of ~110 s, so it pays from roughly 40k short texts; a SimCSE training step
-        ~1.4x faster after ~4 minutes of compiling. Inference then uses the padded layout (the packed path's
+        1.15-1.4x faster after 3-10 minutes of compiling. Inference then uses the padded layout (the packed path's
         per-length attention would split the graph). ``training=True`` compiles the forwards that run with
         gradients (forward and backward); ``training=False`` leaves them eager. Shapes are dynamic, so new batch
         shapes do not recompile. If compilation fails (e.g. no C++ compiler for the CPU backend), the encoder warns
