@@ -72,7 +72,10 @@ class FastDropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         # The mask stays boolean (no float copy of it); torch.compile fuses the scale and the select into one pass.
-        return torch.where(dropout_keep(x, self.p, self.salt), x * (1.0 / (1.0 - self.p)), 0.0)
+        # Eagerly, call the generator directly (the operator's dispatch costs ~0.2 ms a call, 210 calls a step).
+        keep = dropout_keep(x, self.p, self.salt) if torch.compiler.is_compiling() else keep_mask(x.shape, self.p,
+                                                                                                  x.device)
+        return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0.0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
