@@ -54,7 +54,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     """torch.compile the model's training forward and backward: a one-time compile (3-10 min for the default
-    model on 2 CPU cores), then 1.15-1.4x faster SimCSE steps there (no gain for MNTP); worth it for runs of several hundred steps."""
+    model on 2 CPU cores), then 1.15-1.4x faster SimCSE steps there (no gain for MNTP); worth it for runs of
+    several hundred steps."""
     threads: int | None = None
     # LoRA
     lora_r: int = 16
