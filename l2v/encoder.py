@@ -391,7 +391,7 @@ class Encoder(nn.Module):
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def compile(self, training: bool = False, **compile_kwargs: Any) -> Encoder:
-        """Opt in to ``torch.compile`` for inference (``encode``), or with ``training=True`` for training; returns ``self``.
+        """Opt in to ``torch.compile`` for ``encode``, or with ``training=True`` for training; returns ``self``.
 
         Fuses the elementwise work between the matmuls (norms, rotary, activations, residual adds). Measured on the
         default model, 2 CPU cores, bf16 (``benchmarks/RESULTS.md``): inference ~11% faster than the default packed

@@ -10,8 +10,8 @@ otherwise (inverted scaling, identity in eval mode, an independent mask per call
 CUDA's own dropout is already fast.
 
 The mask is drawn inside a custom operator (``l2v::dropout_keep``) so ``torch.compile`` keeps it as one opaque
-call instead of breaking the graph at numpy or falling back to inductor's per-element generator (measured 3x
-slower than this on CPU). The operator carries a per-module salt so that compilation never merges two dropouts
+call instead of breaking the graph at numpy or falling back to inductor's per-element generator (on the default
+model's SimCSE step that generator made the compiled step slower than the eager one; benchmarks/RESULTS.md). The operator carries a per-module salt so that compilation never merges two dropouts
 applied to the same input (q, k and v LoRA branches each get their own mask, as in eager mode).
 """
 
@@ -73,8 +73,10 @@ class FastDropout(nn.Module):
             return x
         # The mask stays boolean (no float copy of it); torch.compile fuses the scale and the select into one pass.
         # Eagerly, call the generator directly (the operator's dispatch costs ~0.2 ms a call, 210 calls a step).
-        keep = dropout_keep(x, self.p, self.salt) if torch.compiler.is_compiling() else keep_mask(x.shape, self.p,
-                                                                                                  x.device)
+        if torch.compiler.is_compiling():
+            keep = dropout_keep(x, self.p, self.salt)
+        else:
+            keep = keep_mask(x.shape, self.p, x.device)
         return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0.0)
 
     def extra_repr(self) -> str:

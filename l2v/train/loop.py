@@ -229,7 +229,7 @@ def train(
 
     ``on_step(step, metrics)`` is called after every optimizer step (tests use it to simulate a crash).
     """
-    from ..encoder import default_device
+    from ..encoder import Encoder, default_device
 
     cfg.validate()
     run_dir = Path(cfg.output_dir)
@@ -247,7 +247,7 @@ def train(
     objective.setup(cfg, device)
     if cfg.compile:
         encoder = getattr(objective, "encoder", None)
-        if encoder is None or not hasattr(encoder, "compile"):
+        if not isinstance(encoder, Encoder):  # every nn.Module has a compile(); only Encoder's takes training=
             raise TrainingError(f"--compile: objective {objective.name!r} has no encoder to compile.")
         encoder.compile(training=True)
         _say(cfg, "--compile: the first step compiles the model (a few minutes on CPU; later steps are faster)")
