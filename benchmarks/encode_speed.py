@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from l2v import Encoder  # noqa: E402
 from l2v.data.offline import gensim_file  # noqa: E402
+from l2v.kernels import Bf16Linear  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -111,6 +112,7 @@ def model_flops(encoder: Encoder, lengths: list[int]) -> float:
     cfg = net.config.get_text_config() if hasattr(net.config, "get_text_config") else net.config
     emb = sum(p.numel() for name, p in net.named_parameters() if "embed" in name or "wte" in name or "wpe" in name)
     non_emb = sum(p.numel() for p in net.parameters()) - emb
+    non_emb += sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, Bf16Linear))  # buffers
     d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
     attn = sum(4 * cfg.num_hidden_layers * n * n * d_attn for n in lengths)
     return 2 * non_emb * sum(lengths) + attn
@@ -180,8 +182,10 @@ def main() -> None:
     peaks = {}
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         peaks[name] = max(matmul_rate(2048, 2048, 2048, dt), matmul_rate(4096, 576, 1536, dt))
-    enc16 = Encoder.from_pretrained(dtype="bfloat16")
+    enc16 = Encoder.from_pretrained(dtype="bfloat16")  # l2v's default: the bf16 CPU kernel where it builds
+    enc16t = Encoder.from_pretrained(dtype="bfloat16", cpu_kernel=False)  # torch's bf16 (activations in bf16)
     enc32 = Encoder.from_pretrained(dtype="float32")
+    l2v16 = "l2v bf16 kernel" if enc16.cpu_kernel else "l2v bf16"
     tok = enc16.tokenizer
     kw = {"show_progress_bar": False}
     if args.max_tokens is not None:
@@ -193,15 +197,18 @@ def main() -> None:
     naive_tok.padding_side = "right"
     if naive_tok.pad_token is None:
         naive_tok.pad_token = naive_tok.eos_token
-    enc16.encode(sets["short"][:8], **kw)  # warm-up (+ packing probe)
-    enc32.encode(sets["short"][:8], **kw)
-    compiled, compile_s = None, 0.0
+    for enc in (enc16, enc16t, enc32):
+        enc.encode(sets["short"][:8], **kw)  # warm-up (+ packing probe)
+    compiled, compile_s = {}, {}
     if args.compile:  # compile (and see every batch shape once) before anything is timed
-        compiled = Encoder.from_pretrained(dtype="bfloat16").compile()
-        t0 = time.perf_counter()
-        for texts in sets.values():
-            compiled.encode(texts, **kw)
-        compile_s = time.perf_counter() - t0
+        for name, kernel in ((l2v16 + " compiled", enc16.cpu_kernel), ("l2v bf16 torch compiled", False)):
+            if name in compiled:
+                continue
+            compiled[name] = Encoder.from_pretrained(dtype="bfloat16", cpu_kernel=kernel).compile()
+            t0 = time.perf_counter()
+            for texts in sets.values():
+                compiled[name].encode(texts, **kw)
+            compile_s[name] = time.perf_counter() - t0
 
     rows = []
     for set_name, texts in sets.items():
@@ -213,10 +220,12 @@ def main() -> None:
         probe = matmul_rate(4096, 576, 1536, torch.float32, 0.3, 1)
         best["l2v fp32"], ref = timed(lambda t=texts: enc32.encode(t, **kw), 1)  # the reference for cosines
         adj["l2v fp32"], outs["l2v fp32"] = flops / best["l2v fp32"] / 1e9 / probe, ref
-        runs = {"l2v bf16": lambda t=texts: enc16.encode(t, **kw),
-                "naive bf16": lambda t=texts: naive_encode(enc16.model, naive_tok, t)}
-        if compiled is not None:
-            runs["l2v bf16 compiled"] = lambda t=texts: compiled.encode(t, **kw)
+        runs = {l2v16: lambda t=texts: enc16.encode(t, **kw),
+                "naive bf16": lambda t=texts: naive_encode(enc16t.model, naive_tok, t)}
+        if enc16.cpu_kernel:
+            runs["l2v bf16 torch"] = lambda t=texts: enc16t.encode(t, **kw)
+        for name, enc in compiled.items():
+            runs[name] = lambda t=texts, e=enc: e.encode(t, **kw)
         if not args.no_fp32:  # fp32 is timed once (it is ~3x slower); bf16 is the target
             probe = matmul_rate(4096, 576, 1536, torch.float32, 0.3, 1)
             best["naive fp32"], outs["naive fp32"] = timed(lambda t=texts: naive_encode(enc32.model, naive_tok, t), 1)
@@ -262,9 +271,12 @@ def main() -> None:
         print(f"{r['set']:6} {r['variant']:20} {r['texts']:5d} {r['tokens']:6d} {r['sent_per_s']:7.1f} "
               f"{r['tok_per_s']:7.0f} {r['gflops']:8.1f} {100 * r['frac_bf16_peak']:6.1f}% "
               f"{100 * r['frac_own_peak']:5.1f}% {_pct(r['frac_adjacent_peak'])} {r['speedup_vs_naive_bf16']:7.2f}x {r['min_cos_vs_fp32']:8.4f} {r['n_cos_below_099']:5d}")
-    print(f"peak RSS {peak_rss_mb():.0f} MB (both models loaded" + (", plus the compiled copy)" if compiled else ")"))
-    if compiled is not None:
-        print(f"compile + first pass over both sets: {compile_s:.0f} s (not in the rows above)")
+    print(f"peak RSS {peak_rss_mb():.0f} MB (all {3 + len(compiled)} models loaded)")
+    for name, sec in compile_s.items():
+        print(f"{name}: compile + first pass over both sets {sec:.0f} s (not in the rows above)")
+    if enc16.cpu_kernel:
+        print("bf16 kernel: bf16 weights, fp32 activations and sums (l2v.kernels, the CPU default); "
+              "bf16 torch: every activation rounded to bf16 (cpu_kernel=False).")
     print("%bf16pk: model FLOP/s / bf16 peak measured at start; %ownpk: / the peak of the variant's own dtype;\n"
           "%adjpk: / the same dtype's 4096x576x1536 matmul rate measured just before that run (robust to load).")
     if args.json:

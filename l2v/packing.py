@@ -21,6 +21,8 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from .kernels import uses_kernel
+
 IMPL = "l2v_varlen"
 _GROUPS: ContextVar[list[tuple[int, int, int]] | None] = ContextVar("l2v_varlen_groups", default=None)
 _SWITCH_LOCK = threading.RLock()
@@ -143,7 +145,9 @@ def check_packing(model: nn.Module, vocab_size: int, pad_id: int = 0) -> bool:
         mask = attn.bool().to(dev)
         diff = (packed[mask] - ref[mask]).abs().max()
         scale = ref[mask].abs().max().clamp_min(1e-6)
-        tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+        # bf16 rounding anywhere (a bf16 model, or l2v's kernel rounding matmul inputs) needs the looser bound
+        exact = next(model.parameters()).dtype == torch.float32 and not uses_kernel(model)
+        tol = 1e-3 if exact else 5e-2
         return bool(torch.isfinite(diff)) and float(diff / scale) < tol
     except Exception:  # noqa: BLE001 - any failure means: do not use the packed path for this model
         return False

@@ -1,0 +1,121 @@
+/* l2v's CPU linear kernel: fp32 activations x bf16 weights -> fp32 outputs, with AVX512-BF16 (vdpbf16ps).
+
+   Why: torch on CPU offers bf16 matmuls only with bf16 outputs, and rounding every activation of a
+   bidirectional LLM to bf16 moves some embeddings below cosine 0.99 of fp32 (see benchmarks/RESULTS.md).
+   Here only the matmul *inputs* are rounded to bf16; products are exact in fp32, sums are fp32, outputs fp32.
+   Each output element is one sequential fp32 sum over k, so a row's result does not depend on the batch.
+
+   Weights are packed by l2v/kernels/linear.py as [N/64][K/2][64][2] bf16 (VNNI pairs), zero padded. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define NR 64
+#define MR 6
+
+static inline void cvt_row(const float* src, uint16_t* dst, int64_t K, int64_t K2) {
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512 lo = _mm512_loadu_ps(src + k), hi = _mm512_loadu_ps(src + k + 16);
+    __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
+    _mm512_storeu_si512((void*)(dst + k), (__m512i)v);
+  }
+  for (; k < K; ++k) {
+    __m512 v = _mm512_set1_ps(src[k]);
+    __m256bh b = _mm512_cvtneps_pbh(v);
+    dst[k] = (uint16_t)_mm256_extract_epi16((__m256i)b, 0);
+  }
+  if (K2 * 2 > K) dst[K] = 0;
+}
+
+static inline __attribute__((always_inline)) void kern(const int mr, const uint16_t* a, int64_t lda, const uint16_t* b,
+                                                         int64_t K2, float* c, int64_t ldc, const float* bias, int ncols) {
+  __m512 acc[MR][4];
+  __mmask16 m[4];
+  for (int j = 0; j < 4; ++j) {
+    int left = ncols - 16 * j;
+    m[j] = left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1));
+  }
+  for (int j = 0; j < 4; ++j) {
+    __m512 init = bias ? _mm512_maskz_loadu_ps(m[j], bias + 16 * j) : _mm512_setzero_ps();
+    for (int r = 0; r < mr; ++r) acc[r][j] = init;
+  }
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const uint16_t* bp = b + kk * NR * 2;
+    __m512bh b0 = (__m512bh)_mm512_loadu_si512((const void*)(bp));
+    __m512bh b1 = (__m512bh)_mm512_loadu_si512((const void*)(bp + 32));
+    __m512bh b2 = (__m512bh)_mm512_loadu_si512((const void*)(bp + 64));
+    __m512bh b3 = (__m512bh)_mm512_loadu_si512((const void*)(bp + 96));
+    for (int r = 0; r < mr; ++r) {
+      __m512bh av = (__m512bh)_mm512_set1_epi32(*(const int32_t*)(a + r * lda + 2 * kk));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], av, b2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], av, b3);
+    }
+  }
+  if (ncols >= NR) {
+    for (int r = 0; r < mr; ++r)
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
+  } else {
+    for (int r = 0; r < mr; ++r)
+      for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + 16 * j, m[j], acc[r][j]);
+  }
+}
+
+static void kern_any(int mr, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t K2, float* c, int64_t ldc,
+                     const float* bias, int ncols) {
+  switch (mr) {
+    case 6: kern(6, a, lda, b, K2, c, ldc, bias, ncols); break;
+    case 5: kern(5, a, lda, b, K2, c, ldc, bias, ncols); break;
+    case 4: kern(4, a, lda, b, K2, c, ldc, bias, ncols); break;
+    case 3: kern(3, a, lda, b, K2, c, ldc, bias, ncols); break;
+    case 2: kern(2, a, lda, b, K2, c, ldc, bias, ncols); break;
+    default: kern(1, a, lda, b, K2, c, ldc, bias, ncols); break;
+  }
+}
+
+/* C[M, N] (fp32, row stride ldc) = A[M, K] (fp32, row stride lda) @ W^T + bias, W packed by l2v_pack_bf16.
+   A is rounded to bf16 (RNE), products are exact and accumulated in fp32. MB: rows converted per task.
+   Returns 0, or 1 when a scratch buffer could not be allocated. */
+int l2v_linear_f32(const float* A, int64_t lda, int64_t M, int64_t K, const uint16_t* Bp, int64_t N, const float* bias,
+                   float* C, int64_t ldc, int64_t MB, int nthreads) {
+  int64_t K2 = (K + 1) / 2, Kp = 2 * K2, NB = (N + NR - 1) / NR;
+  if (MB <= 0) MB = 96;
+  int64_t MBLK = (M + MB - 1) / MB;
+  int64_t ntask = MBLK * NB;
+  int err = 0;
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+  {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t lo = ntask * t / nt, hi = ntask * (t + 1) / nt;
+    uint16_t* abuf = NULL;
+    if (hi > lo) {
+      abuf = (uint16_t*)aligned_alloc(64, ((MB * Kp * 2 + 63) / 64) * 64);
+      if (!abuf) {
+#pragma omp atomic write
+        err = 1;
+      }
+    }
+    int64_t cur = -1;
+    for (int64_t i = lo; abuf && i < hi; ++i) {
+      int64_t mb = i / NB, nb = i % NB;
+      int64_t m0 = mb * MB, mlen = M - m0 < MB ? M - m0 : MB;
+      if (mb != cur) {
+        for (int64_t r = 0; r < mlen; ++r) cvt_row(A + (m0 + r) * lda, abuf + r * Kp, K, K2);
+        cur = mb;
+      }
+      int ncols = (int)(N - nb * NR < NR ? N - nb * NR : NR);
+      const uint16_t* b = Bp + nb * K2 * NR * 2;
+      const float* bb = bias ? bias + nb * NR : NULL;
+      for (int64_t r = 0; r < mlen; r += MR) {
+        int mr = (int)(mlen - r < MR ? mlen - r : MR);
+        kern_any(mr, abuf + r * Kp, Kp, b, K2, C + (m0 + r) * ldc + nb * NR, ldc, bb, ncols);
+      }
+    }
+    free(abuf);
+  }
+  return err;
+}

@@ -1,0 +1,239 @@
+"""Linear layers with bf16 weights and fp32 activations, run by l2v's AVX512-BF16 kernel (``gemm_bf16.c``).
+
+Why: on CPU, torch's bf16 matmul rounds its *outputs* to bf16, so a bf16 model rounds every activation. For the
+default model run bidirectionally that moves a few embeddings in a hundred below cosine 0.99 of fp32, while
+rounding only the matmul *inputs* (bf16 x bf16 products summed in fp32, fp32 out) keeps every text above it
+(benchmarks/RESULTS.md, "bf16 against fp32"). torch 2.13 has no such CPU matmul, so l2v builds one: a small C
+file compiled once with the system C compiler into the l2v cache directory. It is as fast as torch's bf16 matmul
+here and keeps weights at 2 bytes each. Without a compiler or AVX512-BF16, :func:`kernel_status` says why and
+callers keep torch's own bf16 path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+BLOCK_N = 64  # output columns per packed panel (gemm_bf16.c: NR)
+_SOURCE = Path(__file__).with_name("gemm_bf16.c")
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared"]
+_lock = threading.Lock()
+_state: dict[str, Any] = {"lib": None, "error": None, "tried": False}
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """The kernel's instruction set (vdpbf16ps); AMX CPUs have it too."""
+    if sys.platform != "linux":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return "avx512_bf16" in fh.read()
+    except OSError:
+        return False
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(cc: str) -> Path:
+    """Compile ``gemm_bf16.c`` into the cache once per source/flags/compiler (atomic rename: safe in parallel)."""
+    from ..checkpoints import cache_dir
+
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"gemm_bf16-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"l2v: building the bf16 CPU kernel once ({cc}, a few seconds) -> {target}", file=sys.stderr)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"]
+        _state["tried"] = True
+        if os.environ.get("L2V_CPU_KERNEL", "1").lower() in ("0", "false", "no", "off"):
+            _state["error"] = "switched off by L2V_CPU_KERNEL=0"
+        elif not cpu_has_avx512_bf16():
+            _state["error"] = "this CPU has no AVX512-BF16"
+        elif (cc := _compiler()) is None:
+            _state["error"] = "no C compiler found (install gcc, or set CC)"
+        else:
+            try:
+                # torch is imported first, so the kernel's libgomp.so.1 resolves to torch's own OpenMP runtime.
+                lib = ctypes.CDLL(str(_build(cc)))
+                fn = lib.l2v_linear_f32
+                fn.restype = ctypes.c_int
+                p, i64 = ctypes.c_void_p, ctypes.c_int64
+                fn.argtypes = [p, i64, i64, i64, p, i64, p, p, i64, i64, ctypes.c_int]
+                _state["lib"] = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _state["error"] = f"building the kernel failed: {exc}"
+        return _state["lib"]
+
+
+def kernel_status() -> tuple[bool, str]:
+    """``(available, reason)``; builds the kernel on first call when the CPU and a compiler allow it."""
+    lib = _load()
+    return lib is not None, ("ok" if lib is not None else str(_state["error"]))
+
+
+# ------------------------------------------------------------------------------------------- weight layout
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` (nn.Linear layout) -> ``[N/64, K/2, 64, 2]`` bf16 bits: each panel's k-pairs side by side (VNNI).
+
+    Stored as int16 so ``module.to(dtype)`` (which casts floating buffers) cannot corrupt the bits.
+    """
+    n, k = weight.shape
+    nb, k2 = -(-n // BLOCK_N), -(-k // 2)
+    w = torch.zeros(nb * BLOCK_N, k2 * 2, dtype=torch.bfloat16)
+    w[:n, :k] = weight.detach().to("cpu", torch.bfloat16)
+    return w.view(nb, BLOCK_N, k2, 2).permute(0, 2, 1, 3).contiguous().view(torch.int16)
+
+
+def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_weight` (bf16 ``[N, K]``)."""
+    nb, k2 = packed.shape[0], packed.shape[1]
+    w = packed.view(torch.bfloat16).permute(0, 2, 1, 3).reshape(nb * BLOCK_N, k2 * 2)
+    return w[:n, :k].contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ the op
+@torch.library.custom_op("l2v::bf16_linear", mutates_args=())
+def bf16_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x @ W.T + bias`` with x rounded to bf16, fp32 sums, fp32 result (x: fp32 ``[..., K]``)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"l2v's bf16 CPU kernel is unavailable: {_state['error']}")
+    k = x.shape[-1]
+    if x.device.type != "cpu" or packed.device.type != "cpu":
+        raise RuntimeError("l2v's bf16 kernel runs on CPU only; load the encoder on the GPU without it "
+                           "(Encoder.from_pretrained(..., device='cuda') never uses it).")
+    if (x.dtype != torch.float32 or packed.dtype != torch.int16 or packed.dim() != 4
+            or packed.shape[1] != (k + 1) // 2 or not 0 < out_features <= packed.shape[0] * BLOCK_N
+            or (bias is not None and bias.numel() != out_features)):
+        raise ValueError(f"bf16_linear: a packed weight of {tuple(packed.shape)} ({packed.dtype}) does not fit a "
+                         f"{x.dtype} input of {tuple(x.shape)} and {out_features} outputs.")
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, out_features), dtype=torch.float32)
+    if m:
+        rc = lib.l2v_linear_f32(x2.data_ptr(), x2.stride(0), m, k, packed.data_ptr(), out_features,
+                                bias.data_ptr() if bias is not None else None, out.data_ptr(), out_features,
+                                96, torch.get_num_threads())
+        if rc:
+            raise MemoryError("l2v's bf16 CPU kernel could not allocate its scratch buffer.")
+    return out.view(*x.shape[:-1], out_features)
+
+
+@bf16_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+class Bf16Linear(nn.Module):
+    """Drop-in inference replacement for ``nn.Linear`` (or transformers' ``Conv1D``) on fp32 activations.
+
+    The weight lives only in packed bf16 form; ``state_dict`` still writes (and reads) a plain ``weight`` in the
+    original module's layout, so ``save_pretrained`` produces a normal checkpoint. No gradients: it is for
+    inference (training keeps ordinary layers).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, packed: torch.Tensor,
+                 conv1d: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.conv1d = in_features, out_features, conv1d
+        self.register_buffer("packed", packed, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().cpu(), requires_grad=False)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> Bf16Linear:
+        if isinstance(module, nn.Linear):
+            w, conv1d = module.weight, False
+        else:  # transformers Conv1D: weight [in, out], y = x @ W + b
+            w, conv1d = module.weight.t(), True
+        n, k = w.shape
+        return cls(k, n, module.bias, pack_weight(w), conv1d=conv1d)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The bf16 weight in the original layout (a copy, for inspection and saving)."""
+        w = unpack_weight(self.packed, self.out_features, self.in_features)
+        return w.t().contiguous() if self.conv1d else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("Bf16Linear is inference-only (no gradients); load the encoder with "
+                               "cpu_kernel=False to differentiate through it.")
+        bias = None if self.bias is None else self.bias.float()  # stays fp32 even after model.to(bf16)
+        return bf16_linear(x.float(), self.packed, bias, self.out_features)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.weight
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        key = prefix + "weight"
+        if key in state_dict:
+            w = state_dict[key]
+            self.packed = pack_weight(w.t() if self.conv1d else w)
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+        elif strict:
+            missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def convert_linears(model: nn.Module) -> int:
+    """Swap every ``nn.Linear``/``Conv1D`` in ``model`` for :class:`Bf16Linear`, in place; returns how many.
+
+    The rest of the model should be fp32 (activations stay fp32 between the kernels).
+    """
+    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) or _is_conv1d(mod)]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Bf16Linear.from_module(mod))
+    return len(targets)
+
+
+def uses_kernel(model: nn.Module) -> bool:
+    return any(isinstance(m, Bf16Linear) for m in model.modules())

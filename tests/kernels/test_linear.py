@@ -1,0 +1,171 @@
+"""l2v's bf16-weight / fp32-activation CPU kernel: exact bf16 products, fp32 sums, batch invariance, layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import l2v.kernels.linear as kmod
+from l2v.kernels import Bf16Linear, bf16_linear, convert_linears, kernel_status, uses_kernel
+from l2v.kernels.linear import pack_weight, unpack_weight
+
+AVAILABLE, REASON = kernel_status()
+needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"bf16 CPU kernel unavailable: {REASON}")
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """What the kernel promises: inputs and weights rounded to bf16, everything else exact (float64 here)."""
+    out = x.bfloat16().double() @ w.bfloat16().double().t()
+    return out + b.double() if b is not None else out
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 8, 1), (7, 10, 5), (13, 33, 70), (6, 64, 64), (100, 577, 129), (37, 96, 200)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_bf16_rounded_reference(m, k, n, with_bias):
+    torch.manual_seed(m * 1000 + k + n)
+    lin = torch.nn.Linear(k, n, bias=with_bias)
+    x = torch.randn(m, k)
+    got = Bf16Linear.from_module(lin)(x)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    ref = reference(x, lin.weight, lin.bias)
+    # fp32 accumulation of exact products: error ~ sqrt(k) ulp, far below one bf16 rounding of the output (2^-9)
+    scale = ref.abs().max().item()
+    assert (got.double() - ref).abs().max().item() <= 1e-5 * scale * max(1.0, k / 64)
+    # and clearly better than torch's bf16 matmul, which rounds the output
+    torch_bf16 = (x.bfloat16() @ lin.weight.bfloat16().t()).double() + (lin.bias.bfloat16().double() if with_bias else 0)
+    assert (got.double() - ref).abs().max() < (torch_bf16 - ref).abs().max() or scale == 0
+
+
+@needs_kernel
+def test_rows_do_not_depend_on_the_batch():
+    """One sequential fp32 sum per output: a row gives the same bits alone or among 200 others."""
+    torch.manual_seed(0)
+    layer = Bf16Linear.from_module(torch.nn.Linear(576, 192))
+    x = torch.randn(200, 576)
+    full = layer(x)
+    for i in (0, 5, 6, 97, 199):
+        assert torch.equal(layer(x[i:i + 1]), full[i:i + 1])
+        assert torch.equal(layer(x[i:i + 7]), full[i:i + 7]) or i + 7 > 200
+
+
+@needs_kernel
+def test_shapes_strides_and_empty_input():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(40, 24)
+    layer = Bf16Linear.from_module(lin)
+    x = torch.randn(2, 3, 80)[..., ::2]  # non-contiguous last dim
+    assert torch.allclose(layer(x), reference(x, lin.weight, lin.bias).float(), atol=1e-5)
+    assert layer(torch.randn(0, 40)).shape == (0, 24)
+    assert layer(torch.randn(4, 5, 40)).shape == (4, 5, 24)
+
+
+@needs_kernel
+def test_bad_input_is_a_clear_error():
+    layer = Bf16Linear.from_module(torch.nn.Linear(40, 24))
+    with pytest.raises(ValueError, match="does not fit"):
+        bf16_linear(torch.randn(3, 41), layer.packed, None, 24)
+    with pytest.raises(ValueError, match="does not fit"):
+        bf16_linear(torch.randn(3, 40), layer.packed, torch.zeros(5), 24)
+    x = torch.randn(2, 40, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        layer(x)
+    with torch.no_grad():
+        assert layer(x).shape == (2, 24)
+
+
+def test_pack_roundtrip_and_state_dict_keeps_the_linear_layout():
+    torch.manual_seed(2)
+    w = torch.randn(70, 33)
+    packed = pack_weight(w)
+    assert packed.dtype == torch.int16 and packed.shape == (2, 17, 64, 2)
+    assert torch.equal(unpack_weight(packed, 70, 33), w.bfloat16())
+    lin = torch.nn.Linear(33, 70)
+    layer = Bf16Linear.from_module(lin)
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "bias"} and sd["weight"].dtype == torch.bfloat16
+    assert torch.equal(sd["weight"], lin.weight.bfloat16())
+    other = Bf16Linear.from_module(torch.nn.Linear(33, 70))
+    other.load_state_dict(sd)
+    assert torch.equal(other.packed, layer.packed) and torch.equal(other.bias, layer.bias)
+    with pytest.raises(RuntimeError, match="weight"):
+        other.load_state_dict({"bias": sd["bias"]})
+
+
+def test_casting_the_model_keeps_the_packed_bits():
+    """``model.to(float16)`` casts floating buffers; the packed bits are int16, so they survive."""
+    layer = Bf16Linear.from_module(torch.nn.Linear(16, 8))
+    before = layer.packed.clone()
+    layer.to(torch.float16)
+    assert torch.equal(layer.packed, before)
+
+
+@needs_kernel
+def test_gpt2_conv1d_and_model_conversion():
+    from tiny import tiny_model
+
+    torch.manual_seed(3)
+    ref_model = tiny_model("gpt2").transformer
+    model = tiny_model("gpt2").transformer
+    # the fp32 model with bf16-rounded weights is what the converted one approximates (activations round only
+    # at the matmul inputs)
+    for mod in ref_model.modules():
+        if type(mod).__name__ == "Conv1D":
+            mod.weight.data = mod.weight.data.bfloat16().float()
+    n = convert_linears(model)
+    assert n == 8 and uses_kernel(model)  # 2 layers x (c_attn, c_proj, c_fc, mlp c_proj)
+    ids = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        a = model(input_ids=ids).last_hidden_state
+        b = ref_model(input_ids=ids).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1))
+    assert cos.min() > 0.999
+    conv = ref_model.h[0].attn.c_attn
+    assert torch.equal(model.h[0].attn.c_attn.weight, conv.weight.bfloat16())  # Conv1D layout [in, out] kept
+
+
+@needs_kernel
+def test_compiles_as_one_graph():
+    layer = Bf16Linear.from_module(torch.nn.Linear(32, 48))
+    fn = torch.compile(lambda x: torch.nn.functional.silu(layer(x)) * 2, fullgraph=True, dynamic=True)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        assert torch.allclose(fn(x), torch.nn.functional.silu(layer(x)) * 2, atol=1e-6)
+
+
+def test_unavailable_kernel_reports_why(monkeypatch, tmp_path):
+    """A failing compiler or the off switch: kernel_status says why instead of raising."""
+    saved = dict(kmod._state)
+    try:
+        for env, expect in (({"L2V_CPU_KERNEL": "0"}, "L2V_CPU_KERNEL"), ({"CC": "false"}, "failed")):
+            kmod._state.update(lib=None, error=None, tried=False)
+            monkeypatch.setenv("L2V_CACHE", str(tmp_path))
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+            monkeypatch.setattr(kmod, "cpu_has_avx512_bf16", lambda: True)
+            ok, reason = kernel_status()
+            assert not ok and expect in reason, reason
+            with pytest.raises(RuntimeError, match="unavailable"):
+                bf16_linear(torch.randn(2, 4), pack_weight(torch.randn(3, 4)), None, 3)
+            monkeypatch.delenv("L2V_CPU_KERNEL", raising=False)
+        assert not any(p.suffix == ".so" for p in tmp_path.rglob("*"))  # nothing half-built left behind
+    finally:
+        kmod._state.clear()
+        kmod._state.update(saved)
+
+
+@needs_kernel
+def test_threads_give_identical_results():
+    torch.manual_seed(4)
+    layer = Bf16Linear.from_module(torch.nn.Linear(96, 130))
+    x = torch.randn(300, 96)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = layer(x)
+        torch.set_num_threads(max(2, threads))
+        many = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one.numpy(), many.numpy())
