@@ -30,7 +30,7 @@ from .checkpoints import (
     llm2vec_defaults,
     resolve_model_path,
 )
-from .kernels import convert_linears, kernel_status, uses_kernel
+from .kernels import convert_linears, fuse_gated_mlps, kernel_status, uses_kernel
 from .packing import check_packing, packed_attention, packed_inputs, unpack
 from .pooling import check_pooling, pool
 
@@ -245,6 +245,7 @@ class Encoder(nn.Module):
             net.to(dtype=torch_dtype)
         if use_kernel:
             convert_linears(net)
+            fuse_gated_mlps(net)
         net.to(dev).eval()
         if bidirectional:
             make_bidirectional(net)

@@ -1,5 +1,15 @@
 """Native CPU kernels l2v builds itself (see :mod:`l2v.kernels.linear`)."""
 
-from .linear import Bf16Linear, bf16_linear, convert_linears, kernel_status, uses_kernel
+from .linear import (
+    Bf16Linear,
+    GatedMLP,
+    bf16_gated,
+    bf16_linear,
+    convert_linears,
+    fuse_gated_mlps,
+    kernel_status,
+    uses_kernel,
+)
 
-__all__ = ["Bf16Linear", "bf16_linear", "convert_linears", "kernel_status", "uses_kernel"]
+__all__ = ["Bf16Linear", "GatedMLP", "bf16_gated", "bf16_linear", "convert_linears", "fuse_gated_mlps",
+           "kernel_status", "uses_kernel"]

@@ -30,8 +30,30 @@ static inline void cvt_row(const float* src, uint16_t* dst, int64_t K, int64_t K
   if (K2 * 2 > K) dst[K] = 0;
 }
 
-static inline __attribute__((always_inline)) void kern(const int mr, const uint16_t* a, int64_t lda, const uint16_t* b,
-                                                         int64_t K2, float* c, int64_t ldc, const float* bias, int ncols) {
+/* exp for the SiLU epilogue: range reduction by ln 2, Cephes' degree-6 polynomial, scalef; ~1 ulp. */
+static inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 silu512(__m512 g) {
+  return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+static inline __attribute__((always_inline)) void kern(const int mr, const int gated, const uint16_t* a, int64_t lda,
+                                                         const uint16_t* b, int64_t K2, float* c, int64_t ldc,
+                                                         const float* bias, int ncols) {
   __m512 acc[MR][4];
   __mmask16 m[4];
   for (int j = 0; j < 4; ++j) {
@@ -56,7 +78,11 @@ static inline __attribute__((always_inline)) void kern(const int mr, const uint1
       acc[r][3] = _mm512_dpbf16_ps(acc[r][3], av, b3);
     }
   }
-  if (ncols >= NR) {
+  if (gated) { /* panel = 32 gate columns then the same 32 up columns: store silu(gate) * up */
+    for (int r = 0; r < mr; ++r)
+      for (int j = 0; j < 2; ++j)
+        _mm512_mask_storeu_ps(c + r * ldc + 16 * j, m[j], _mm512_mul_ps(silu512(acc[r][j]), acc[r][j + 2]));
+  } else if (ncols >= NR) {
     for (int r = 0; r < mr; ++r)
       for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
   } else {
@@ -65,15 +91,22 @@ static inline __attribute__((always_inline)) void kern(const int mr, const uint1
   }
 }
 
-static void kern_any(int mr, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t K2, float* c, int64_t ldc,
-                     const float* bias, int ncols) {
-  switch (mr) {
-    case 6: kern(6, a, lda, b, K2, c, ldc, bias, ncols); break;
-    case 5: kern(5, a, lda, b, K2, c, ldc, bias, ncols); break;
-    case 4: kern(4, a, lda, b, K2, c, ldc, bias, ncols); break;
-    case 3: kern(3, a, lda, b, K2, c, ldc, bias, ncols); break;
-    case 2: kern(2, a, lda, b, K2, c, ldc, bias, ncols); break;
-    default: kern(1, a, lda, b, K2, c, ldc, bias, ncols); break;
+#define L2V_KERN_CASES(G)                                             \
+  switch (mr) {                                                       \
+    case 6: kern(6, G, a, lda, b, K2, c, ldc, bias, ncols); break;    \
+    case 5: kern(5, G, a, lda, b, K2, c, ldc, bias, ncols); break;    \
+    case 4: kern(4, G, a, lda, b, K2, c, ldc, bias, ncols); break;    \
+    case 3: kern(3, G, a, lda, b, K2, c, ldc, bias, ncols); break;    \
+    case 2: kern(2, G, a, lda, b, K2, c, ldc, bias, ncols); break;    \
+    default: kern(1, G, a, lda, b, K2, c, ldc, bias, ncols); break;   \
+  }
+
+static void kern_any(int mr, int gated, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t K2, float* c,
+                     int64_t ldc, const float* bias, int ncols) {
+  if (gated) {
+    L2V_KERN_CASES(1)
+  } else {
+    L2V_KERN_CASES(0)
   }
 }
 
@@ -81,8 +114,10 @@ static void kern_any(int mr, const uint16_t* a, int64_t lda, const uint16_t* b, 
    A is rounded to bf16 (RNE), products are exact and accumulated in fp32. MB: rows converted per task.
    Returns 0, or 1 when a scratch buffer could not be allocated. */
 int l2v_linear_f32(const float* A, int64_t lda, int64_t M, int64_t K, const uint16_t* Bp, int64_t N, const float* bias,
-                   float* C, int64_t ldc, int64_t MB, int nthreads) {
-  int64_t K2 = (K + 1) / 2, Kp = 2 * K2, NB = (N + NR - 1) / NR;
+                   float* C, int64_t ldc, int64_t MB, int nthreads, int gated) {
+  /* gated: W packs gate and up rows in alternating 32-row halves (N = 2 x outputs, no bias); C gets
+     silu(x @ gate^T) * (x @ up^T), N / 2 columns. */
+  int64_t K2 = (K + 1) / 2, Kp = 2 * K2, NB = (N + NR - 1) / NR, WN = gated ? NR / 2 : NR;
   if (MB <= 0) MB = 96;
   int64_t MBLK = (M + MB - 1) / MB;
   int64_t ntask = MBLK * NB;
@@ -107,12 +142,13 @@ int l2v_linear_f32(const float* A, int64_t lda, int64_t M, int64_t K, const uint
         for (int64_t r = 0; r < mlen; ++r) cvt_row(A + (m0 + r) * lda, abuf + r * Kp, K, K2);
         cur = mb;
       }
-      int ncols = (int)(N - nb * NR < NR ? N - nb * NR : NR);
+      int64_t outs = gated ? N / 2 : N;
+      int ncols = (int)(outs - nb * WN < WN ? outs - nb * WN : WN);
       const uint16_t* b = Bp + nb * K2 * NR * 2;
-      const float* bb = bias ? bias + nb * NR : NULL;
+      const float* bb = bias && !gated ? bias + nb * NR : NULL;
       for (int64_t r = 0; r < mlen; r += MR) {
         int mr = (int)(mlen - r < MR ? mlen - r : MR);
-        kern_any(mr, abuf + r * Kp, Kp, b, K2, C + (m0 + r) * ldc + nb * NR, ldc, bb, ncols);
+        kern_any(mr, gated, abuf + r * Kp, Kp, b, K2, C + (m0 + r) * ldc + nb * WN, ldc, bb, ncols);
       }
     }
     free(abuf);

@@ -91,7 +91,7 @@ def _load() -> ctypes.CDLL | None:
                 fn = lib.l2v_linear_f32
                 fn.restype = ctypes.c_int
                 p, i64 = ctypes.c_void_p, ctypes.c_int64
-                fn.argtypes = [p, i64, i64, i64, p, i64, p, p, i64, i64, ctypes.c_int]
+                fn.argtypes = [p, i64, i64, i64, p, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
                 _state["lib"] = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _state["error"] = f"building the kernel failed: {exc}"
@@ -125,9 +125,7 @@ def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ the op
-@torch.library.custom_op("l2v::bf16_linear", mutates_args=())
-def bf16_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """``x @ W.T + bias`` with x rounded to bf16, fp32 sums, fp32 result (x: fp32 ``[..., K]``)."""
+def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, gated: bool) -> torch.Tensor:
     lib = _load()
     if lib is None:
         raise RuntimeError(f"l2v's bf16 CPU kernel is unavailable: {_state['error']}")
@@ -135,9 +133,10 @@ def bf16_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     if x.device.type != "cpu" or packed.device.type != "cpu":
         raise RuntimeError("l2v's bf16 kernel runs on CPU only; load the encoder on the GPU without it "
                            "(Encoder.from_pretrained(..., device='cuda') never uses it).")
+    cols = out_features * 2 if gated else out_features  # packed rows: gate and up interleaved when gated
     if (x.dtype != torch.float32 or packed.dtype != torch.int16 or packed.dim() != 4
-            or packed.shape[1] != (k + 1) // 2 or not 0 < out_features <= packed.shape[0] * BLOCK_N
-            or (bias is not None and bias.numel() != out_features)):
+            or packed.shape[1] != (k + 1) // 2 or not 0 < cols <= packed.shape[0] * BLOCK_N
+            or (bias is not None and (gated or bias.numel() != out_features))):
         raise ValueError(f"bf16_linear: a packed weight of {tuple(packed.shape)} ({packed.dtype}) does not fit a "
                          f"{x.dtype} input of {tuple(x.shape)} and {out_features} outputs.")
     if bias is not None and bias.dtype != torch.float32:
@@ -148,17 +147,53 @@ def bf16_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     m = x2.shape[0]
     out = torch.empty((m, out_features), dtype=torch.float32)
     if m:
-        rc = lib.l2v_linear_f32(x2.data_ptr(), x2.stride(0), m, k, packed.data_ptr(), out_features,
+        rc = lib.l2v_linear_f32(x2.data_ptr(), x2.stride(0), m, k, packed.data_ptr(), cols,
                                 bias.data_ptr() if bias is not None else None, out.data_ptr(), out_features,
-                                96, torch.get_num_threads())
+                                96, torch.get_num_threads(), int(gated))
         if rc:
             raise MemoryError("l2v's bf16 CPU kernel could not allocate its scratch buffer.")
     return out.view(*x.shape[:-1], out_features)
 
 
+@torch.library.custom_op("l2v::bf16_linear", mutates_args=())
+def bf16_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x @ W.T + bias`` with x rounded to bf16, fp32 sums, fp32 result (x: fp32 ``[..., K]``)."""
+    return _run(x, packed, bias, out_features, gated=False)
+
+
 @bf16_linear.register_fake
 def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("l2v::bf16_gated", mutates_args=())
+def bf16_gated(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``silu(x @ gate.T) * (x @ up.T)`` in one pass (weights from :func:`pack_gated`); the gated MLP's input half."""
+    return _run(x, packed, None, out_features, gated=True)
+
+
+@bf16_gated.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def pack_gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Interleave 32-row slices of gate and up so each 64-row panel holds matching gate and up outputs."""
+    i, k = gate.shape
+    half = BLOCK_N // 2
+    nb = -(-i // half)
+    w = torch.zeros(nb, 2, half, k, dtype=torch.bfloat16)
+    g = torch.zeros(nb * half, k, dtype=torch.bfloat16)
+    u = torch.zeros(nb * half, k, dtype=torch.bfloat16)
+    g[:i], u[:i] = gate.detach().to("cpu", torch.bfloat16), up.detach().to("cpu", torch.bfloat16)
+    w[:, 0], w[:, 1] = g.view(nb, half, k), u.view(nb, half, k)
+    return pack_weight(w.view(nb * BLOCK_N, k))
+
+
+def unpack_gated(packed: torch.Tensor, i: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    nb, half = packed.shape[0], BLOCK_N // 2
+    w = unpack_weight(packed, nb * BLOCK_N, k).view(nb, 2, half, k)
+    return w[:, 0].reshape(nb * half, k)[:i].contiguous(), w[:, 1].reshape(nb * half, k)[:i].contiguous()
 
 
 class Bf16Linear(nn.Module):
@@ -236,4 +271,72 @@ def convert_linears(model: nn.Module) -> int:
 
 
 def uses_kernel(model: nn.Module) -> bool:
-    return any(isinstance(m, Bf16Linear) for m in model.modules())
+    return any(isinstance(m, (Bf16Linear, GatedMLP)) for m in model.modules())
+
+
+class GatedMLP(nn.Module):
+    """A SiLU-gated MLP (``down(silu(gate(x)) * up(x))``: Llama, Mistral, Qwen, ...) on the kernel.
+
+    gate and up run as one kernel call whose epilogue applies SiLU and the product, so the two intermediate
+    activations are never written out. ``state_dict`` keeps the original ``gate_proj``/``up_proj``/``down_proj``
+    keys.
+    """
+
+    def __init__(self, gate_up: torch.Tensor, in_features: int, intermediate: int, down: Bf16Linear) -> None:
+        super().__init__()
+        self.in_features, self.intermediate = in_features, intermediate
+        self.register_buffer("gate_up", gate_up, persistent=False)
+        self.down_proj = down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("GatedMLP is inference-only (no gradients); load the encoder with cpu_kernel=False "
+                               "to differentiate through it.")
+        return self.down_proj(bf16_gated(x.float(), self.gate_up, self.intermediate))
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        gate, up = unpack_gated(self.gate_up, self.intermediate, self.in_features)
+        destination[prefix + "gate_proj.weight"], destination[prefix + "up_proj.weight"] = gate, up
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        keys = (prefix + "gate_proj.weight", prefix + "up_proj.weight")
+        if all(k in state_dict for k in keys):
+            self.gate_up = pack_gated(state_dict[keys[0]], state_dict[keys[1]])
+        elif strict:
+            missing_keys.extend(k for k in keys if k not in state_dict)
+        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k not in keys}, prefix,
+                                      local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, intermediate={self.intermediate}, act=silu"
+
+
+def _is_silu(act: Any) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
+def fuse_gated_mlps(model: nn.Module, probe_rows: int = 5) -> int:
+    """Replace SiLU-gated MLPs (after :func:`convert_linears`) with :class:`GatedMLP`; returns how many.
+
+    Matched by structure (``gate_proj``/``up_proj``/``down_proj`` without biases and a SiLU ``act_fn``), then
+    proven: each fused module must reproduce the original on a random probe, else the original stays.
+    """
+    fused = 0
+    for name, mod in list(model.named_modules()):
+        gate, up, down = (getattr(mod, a, None) for a in ("gate_proj", "up_proj", "down_proj"))
+        if not (all(isinstance(m, Bf16Linear) and m.bias is None and not m.conv1d for m in (gate, up, down))
+                and _is_silu(getattr(mod, "act_fn", None)) and gate.out_features == up.out_features
+                and gate.in_features == up.in_features == down.out_features):
+            continue
+        new = GatedMLP(pack_gated(gate.weight, up.weight), gate.in_features, gate.out_features, down)
+        probe = torch.randn(probe_rows, gate.in_features, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want, got = mod(probe), new(probe)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        fused += 1
+    return fused

@@ -169,3 +169,92 @@ def test_threads_give_identical_results():
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(one.numpy(), many.numpy())
+
+
+# ------------------------------------------------------------------------------------ the fused gated MLP
+def _converted_mlp(arch: str):
+    from tiny import tiny_model
+
+    model = tiny_model(arch).model
+    convert_linears(model)
+    return model
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_gated_mlp_fusion_matches_the_unfused_kernel(arch):
+    from l2v.kernels import GatedMLP, fuse_gated_mlps
+
+    model = _converted_mlp(arch)
+    mlp = model.layers[0].mlp
+    x = torch.randn(3, 7, mlp.gate_proj.in_features)
+    with torch.no_grad():
+        want = mlp(x)
+        assert fuse_gated_mlps(model) == 2
+        fused = model.layers[0].mlp
+        assert isinstance(fused, GatedMLP)
+        got = fused(x)
+    # the same bf16-rounded matmul inputs; SiLU and the product in fp32 inside the kernel
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    sd = fused.state_dict()
+    assert sorted(sd) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+    assert torch.equal(sd["gate_proj.weight"], mlp.gate_proj.weight) and torch.equal(sd["up_proj.weight"],
+                                                                                     mlp.up_proj.weight)
+    again = _converted_mlp(arch)
+    fuse_gated_mlps(again)
+    again.layers[0].mlp.load_state_dict(sd)
+    assert torch.equal(again.layers[0].mlp.gate_up, fused.gate_up)
+
+
+@needs_kernel
+@pytest.mark.parametrize("intermediate", [32, 70, 1536])
+def test_gated_kernel_against_reference(intermediate):
+    from l2v.kernels import bf16_gated
+    from l2v.kernels.linear import pack_gated, unpack_gated
+
+    torch.manual_seed(intermediate)
+    k = 48
+    gate, up = torch.randn(intermediate, k), torch.randn(intermediate, k)
+    packed = pack_gated(gate, up)
+    g2, u2 = unpack_gated(packed, intermediate, k)
+    assert torch.equal(g2, gate.bfloat16()) and torch.equal(u2, up.bfloat16())
+    x = torch.randn(11, k) * 3
+    g, u = reference(x, gate, None), reference(x, up, None)
+    want = g * torch.sigmoid(g) * u
+    got = bf16_gated(x, packed, intermediate)
+    assert got.shape == (11, intermediate)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@needs_kernel
+def test_gated_fusion_skips_what_it_does_not_compute():
+    """Not SiLU (Gemma's GELU), a fused gate_up (Phi3), or a look-alike with another forward: left alone."""
+    from l2v.kernels import GatedMLP, fuse_gated_mlps
+
+    for arch in ("gemma", "phi3"):
+        model = _converted_mlp(arch)
+        assert fuse_gated_mlps(model) == 0 and not any(isinstance(m, GatedMLP) for m in model.modules())
+
+    class Swapped(torch.nn.Module):  # same attributes, gate and up roles exchanged
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(16, 32, bias=False), torch.nn.Linear(16, 32, bias=False)
+            self.down_proj, self.act_fn = torch.nn.Linear(32, 16, bias=False), torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+    holder = torch.nn.Sequential(Swapped())
+    convert_linears(holder)
+    assert fuse_gated_mlps(holder) == 0 and isinstance(holder[0], Swapped)
+
+
+@needs_kernel
+def test_gated_op_compiles_as_one_graph():
+    from l2v.kernels import bf16_gated
+    from l2v.kernels.linear import pack_gated
+
+    packed = pack_gated(torch.randn(40, 32), torch.randn(40, 32))
+    fn = torch.compile(lambda x: bf16_gated(x * 2, packed, 40) + 1, fullgraph=True, dynamic=True)
+    x = torch.randn(5, 32)
+    assert torch.allclose(fn(x), bf16_gated(x * 2, packed, 40) + 1, atol=1e-6)
