@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from l2v import Encoder  # noqa: E402
 from l2v.data.offline import gensim_file  # noqa: E402
-from l2v.kernels import Bf16Linear  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -110,9 +109,11 @@ def naive_encode(model, tok, texts: list[str], batch_size: int = 32) -> np.ndarr
 def model_flops(encoder: Encoder, lengths: list[int]) -> float:
     net = encoder._forward_target()
     cfg = net.config.get_text_config() if hasattr(net.config, "get_text_config") else net.config
-    emb = sum(p.numel() for name, p in net.named_parameters() if "embed" in name or "wte" in name or "wpe" in name)
-    non_emb = sum(p.numel() for p in net.parameters()) - emb
-    non_emb += sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, Bf16Linear))  # buffers
+    # the state dict, not parameters(): l2v's CPU kernel keeps linear weights packed in buffers, and its
+    # state_dict writes them back out as the original weights
+    weights = net.state_dict()
+    emb = sum(v.numel() for name, v in weights.items() if "embed" in name or "wte" in name or "wpe" in name)
+    non_emb = sum(v.numel() for v in weights.values()) - emb
     d_attn = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
     attn = sum(4 * cfg.num_hidden_layers * n * n * d_attn for n in lengths)
     return 2 * non_emb * sum(lengths) + attn

@@ -20,7 +20,7 @@ def _load(spec: str | None, args: argparse.Namespace, causal: bool | None = None
     causal = args.causal if causal is None else causal
     return load_model(spec, adapter=args.adapter, pooling=args.pooling,
                       bidirectional=False if causal else None, max_length=args.max_length, dtype=args.dtype,
-                      device=args.device)
+                      device=args.device, cpu_kernel=False if getattr(args, "no_cpu_kernel", False) else None)
 
 
 def _tasks(args: argparse.Namespace) -> list:

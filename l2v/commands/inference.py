@@ -24,6 +24,9 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bf16 where the CPU/GPU runs it natively, else fp32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
+    p.add_argument("--no-cpu-kernel", action="store_true",
+                   help="bf16 on CPU: use torch's bf16 (every activation rounded to bf16) instead of l2v's kernel "
+                        "(bf16 weights, fp32 activations; the default where it builds)")
 
 
 def load_from_args(args: argparse.Namespace):
@@ -32,6 +35,7 @@ def load_from_args(args: argparse.Namespace):
     enc = Encoder.from_pretrained(
         args.model, adapter=args.adapter, pooling=args.pooling, bidirectional=False if args.causal else None,
         max_length=args.max_length, dtype=args.dtype, device=args.device,
+        cpu_kernel=False if getattr(args, "no_cpu_kernel", False) else None,
     )
     return enc.compile() if getattr(args, "compile", False) else enc
 

@@ -68,4 +68,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("outdir", help="output directory (must be new or empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-sentence-transformers", action="store_true", help="skip modules.json and friends")
-    p.set_defaults(func=cmd_export, dtype="float32")  # export keeps full precision unless --dtype says otherwise
+    # export keeps full precision unless --dtype says otherwise, and plain layers (one dtype in the checkpoint)
+    p.set_defaults(func=cmd_export, dtype="float32", no_cpu_kernel=True)
