@@ -415,9 +415,10 @@ class Encoder(nn.Module):
         """Opt in to ``torch.compile`` for ``encode``, or with ``training=True`` for training; returns ``self``.
 
         Fuses the elementwise work between the matmuls (norms, rotary, activations, residual adds). Measured on the
-        default model, 2 CPU cores, bf16 (``benchmarks/RESULTS.md``): inference ~11% faster than the default packed
-        path after a one-time compile of ~110 s, so it pays from roughly 40k short texts; a SimCSE training step
-        1.15-1.4x faster after 3-10 minutes of compiling. Inference then uses the padded layout (the packed path's
+        default model, 2 CPU cores, bf16 (``benchmarks/RESULTS.md``): with torch's bf16 (``cpu_kernel=False``)
+        inference up to ~11% faster than the packed path after a one-time compile of 30-110 s; with the default
+        bf16 CPU kernel no gain (0.95x; the kernel is opaque to inductor); a SimCSE training step 1.15-1.4x
+        faster after 3-10 minutes of compiling. Inference then uses the padded layout (the packed path's
         per-length attention would split the graph). ``training=True`` compiles the forwards that run with
         gradients (forward and backward); ``training=False`` leaves them eager. Shapes are dynamic, so new batch
         shapes do not recompile. If compilation fails (e.g. no C++ compiler for the CPU backend), the encoder warns
