@@ -45,6 +45,20 @@ def test_compile_flag_opts_in(model_dir, command):
     args = build_parser().parse_args([command, *extra, "-m", model_dir, "--dtype", "float32"])
     assert load_from_args(args)._compiled is None
 
+def test_no_cpu_kernel_flag(model_dir):
+    """bf16 on CPU uses l2v's kernel unless --no-cpu-kernel; export always writes plain layers."""
+    from l2v.commands.inference import load_from_args
+    from l2v.kernels import kernel_status
+
+    args = build_parser().parse_args(["encode", "x", "-m", model_dir, "--dtype", "bfloat16", "--device", "cpu"])
+    assert load_from_args(args).cpu_kernel == kernel_status()[0]
+    args = build_parser().parse_args(["encode", "x", "-m", model_dir, "--dtype", "bfloat16", "--device", "cpu",
+                                      "--no-cpu-kernel"])
+    assert not load_from_args(args).cpu_kernel
+    args = build_parser().parse_args(["export", model_dir, "out", "--dtype", "bfloat16"])
+    assert args.no_cpu_kernel
+
+
 def test_encode_file_and_stdin_jsonl(model_dir, tmp_path, monkeypatch):
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "a"}\n{"text": "b c"}\n\n')
