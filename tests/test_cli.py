@@ -108,6 +108,11 @@ def test_info_reports_bidirectional_support(model_dir, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["architecture"] == "LlamaForCausalLM" and info["layers"] == 2 and info["hidden_size"] == 32
     assert info["bidirectional_supported"] is True and info["parameters"] > 0
+    from l2v.kernels import kernel_status
+
+    ok, reason = kernel_status()
+    expected = ("available: 14 linear layers, 2 fused SiLU-gated MLPs" if ok else f"unavailable ({reason})")
+    assert info["cpu_bf16_kernel"].startswith(expected), info["cpu_bf16_kernel"]
 
 
 @pytest.mark.slow

@@ -166,6 +166,15 @@ def cmd_info(args: argparse.Namespace) -> int:
             info["bidirectional_supported"] = False
             info["bidirectional_error"] = str(exc)
         info["architecture"] = architecture_name(model) if not config.architectures else info["architecture"]
+    from ..kernels import kernel_status
+
+    ok, reason = kernel_status()
+    info["cpu_bf16_kernel"] = "available" if ok else f"unavailable ({reason}); bf16 on CPU uses torch's bf16"
+    if ok and not args.no_check:  # what bf16 on CPU would run through the kernel for this model
+        from ..kernels import convert_linears, fuse_gated_mlps
+
+        n_linear = convert_linears(model)
+        info["cpu_bf16_kernel"] += f": {n_linear} linear layers, {fuse_gated_mlps(model)} fused SiLU-gated MLPs"
     if args.json:
         print(json.dumps(info, indent=2))
     else:
