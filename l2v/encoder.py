@@ -227,7 +227,10 @@ class Encoder(nn.Module):
 
         for weights_dir in (weights_path, *adapters):
             check_safe_weights(weights_dir, allow_pickle=allow_pickle)
-        kwargs: dict[str, Any] = {"dtype": torch.float32 if use_kernel else torch_dtype}
+        # The kernel keeps everything but the linear weights in fp32. A checkpoint stored in 16 bits loads in that
+        # dtype and is upcast after packing (lossless, and peak memory stays at 2 bytes per weight).
+        load_dtype = (_stored_16bit_dtype(weights_path) or torch.float32) if use_kernel else torch_dtype
+        kwargs: dict[str, Any] = {"dtype": load_dtype}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         if allow_pickle:
@@ -246,6 +249,7 @@ class Encoder(nn.Module):
         if use_kernel:
             convert_linears(net)
             fuse_gated_mlps(net)
+            net.float()  # norms, embeddings, biases (the packed weights are int16 and stay)
         net.to(dev).eval()
         if bidirectional:
             make_bidirectional(net)
@@ -578,6 +582,19 @@ def _want_cpu_kernel(requested: bool | None, dtype: torch.dtype, device: torch.d
     if requested and not ok:
         raise RuntimeError(f"cpu_kernel=True, but l2v's bf16 CPU kernel is unavailable: {reason}.")
     return ok
+
+
+def _stored_16bit_dtype(weights_path: str) -> torch.dtype | None:
+    """bf16/fp16 when the checkpoint's config says its weights are stored in that dtype, else None."""
+    try:
+        from transformers import AutoConfig
+
+        stored = getattr(AutoConfig.from_pretrained(weights_path), "dtype", None)
+    except (OSError, ValueError):
+        return None
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if stored in (torch.bfloat16, torch.float16) else None
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -270,6 +270,34 @@ def test_cpu_kernel_packed_padded_save_and_reload(tmp_path):
     assert not plain.cpu_kernel and _cos(plain.encode(TEXTS[:4]), packed[:4]).min() >= 0.999
 
 
+@needs_kernel
+def test_cpu_kernel_loads_16bit_checkpoints_in_16_bits(tmp_path, monkeypatch):
+    """A bf16 checkpoint is loaded in bf16 (peak memory 2 bytes per weight) and upcast after packing; an fp32 one
+    in fp32. Either way the kernel model's remaining parameters are fp32 and its vectors are the same."""
+    import transformers
+    from tiny import save_tiny
+
+    path = save_tiny("llama", tmp_path / "fp32")
+    model = transformers.AutoModel.from_pretrained(path, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    transformers.AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path / "bf16")
+    seen = []
+    real = transformers.AutoModel.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", spy)
+    enc16 = Encoder.from_pretrained(str(tmp_path / "bf16"), dtype="bfloat16", device="cpu")
+    enc32 = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu")
+    assert seen == [torch.bfloat16, torch.float32]
+    for enc in (enc16, enc32):
+        assert enc.cpu_kernel and {p.dtype for p in enc.model.parameters()} == {torch.float32}
+    # the fp32 checkpoint's norms/embeddings are not bf16-rounded, so the two differ only slightly
+    assert _cos(enc16.encode(TEXTS[:4]), enc32.encode(TEXTS[:4])).min() >= 0.999
+
+
 def test_cpu_kernel_choice_and_errors(tmp_path, monkeypatch):
     from tiny import save_tiny
 
