@@ -1,9 +1,10 @@
 """Linear layers with bf16 weights and fp32 activations, run by l2v's AVX512-BF16 kernel (``gemm_bf16.c``).
 
 Why: on CPU, torch's bf16 matmul rounds its *outputs* to bf16, so a bf16 model rounds every activation. For the
-default model run bidirectionally that moves a few embeddings in a hundred below cosine 0.99 of fp32, while
-rounding only the matmul *inputs* (bf16 x bf16 products summed in fp32, fp32 out) keeps every text above it
-(benchmarks/RESULTS.md, "bf16 against fp32"). torch 2.13 has no such CPU matmul, so l2v builds one: a small C
+default model run bidirectionally that moves a few embeddings in a hundred below cosine 0.99 of fp32. Rounding
+only the matmul *inputs* (bf16 x bf16 products summed in fp32, fp32 out) makes the typical error 5-30x smaller
+and removes most of that tail, though not all of it: bf16 weights alone leave the worst texts near 0.99
+(benchmarks/RESULTS.md, "The bf16 CPU kernel"). torch 2.13 has no such CPU matmul, so l2v builds one: a small C
 file compiled once with the system C compiler into the l2v cache directory. It is as fast as torch's bf16 matmul
 here and keeps weights at 2 bytes each. Without a compiler or AVX512-BF16, :func:`kernel_status` says why and
 callers keep torch's own bf16 path.
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,18 +187,35 @@ def pack_gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     i, k = gate.shape
     half = BLOCK_N // 2
     nb = -(-i // half)
-    w = torch.zeros(nb, 2, half, k, dtype=torch.bfloat16)
-    g = torch.zeros(nb * half, k, dtype=torch.bfloat16)
-    u = torch.zeros(nb * half, k, dtype=torch.bfloat16)
-    g[:i], u[:i] = gate.detach().to("cpu", torch.bfloat16), up.detach().to("cpu", torch.bfloat16)
-    w[:, 0], w[:, 1] = g.view(nb, half, k), u.view(nb, half, k)
-    return pack_weight(w.view(nb * BLOCK_N, k))
+    both = torch.zeros(2, nb * half, k, dtype=torch.bfloat16)  # [gate; up], rows padded to whole slices
+    both[0, :i], both[1, :i] = gate.detach().to("cpu", torch.bfloat16), up.detach().to("cpu", torch.bfloat16)
+    return pack_weight(both.view(2, nb, half, k).transpose(0, 1).reshape(nb * BLOCK_N, k))
 
 
 def unpack_gated(packed: torch.Tensor, i: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     nb, half = packed.shape[0], BLOCK_N // 2
     w = unpack_weight(packed, nb * BLOCK_N, k).view(nb, 2, half, k)
     return w[:, 0].reshape(nb * half, k)[:i].contiguous(), w[:, 1].reshape(nb * half, k)[:i].contiguous()
+
+
+def _inference_only(x: torch.Tensor, what: str) -> None:
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{what} is inference-only (no gradients); load the encoder with cpu_kernel=False to "
+                           "differentiate through it.")
+
+
+def _swap_modules(model: nn.Module, match: Callable[[nn.Module], bool],
+                  make: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Replace every child ``c`` with ``match(c)`` by ``make(c)`` (skipped when it returns None); returns how many."""
+    found = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if match(child)]
+    swapped = 0
+    for parent, name, child in found:
+        new = make(child)
+        if new is not None:
+            setattr(parent, name, new)
+            swapped += 1
+    return swapped
 
 
 class Bf16Linear(nn.Module):
@@ -230,11 +249,8 @@ class Bf16Linear(nn.Module):
         return w.t().contiguous() if self.conv1d else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("Bf16Linear is inference-only (no gradients); load the encoder with "
-                               "cpu_kernel=False to differentiate through it.")
-        bias = None if self.bias is None else self.bias.float()  # stays fp32 even after model.to(bf16)
-        return bf16_linear(x.float(), self.packed, bias, self.out_features)
+        _inference_only(x, "Bf16Linear")
+        return bf16_linear(x.float(), self.packed, self.bias, self.out_features)  # the op upcasts a cast bias
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -265,12 +281,7 @@ def convert_linears(model: nn.Module) -> int:
 
     The rest of the model should be fp32 (activations stay fp32 between the kernels).
     """
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) or _is_conv1d(mod)]
-    for name, mod in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Bf16Linear.from_module(mod))
-    return len(targets)
+    return _swap_modules(model, lambda m: isinstance(m, nn.Linear) or _is_conv1d(m), Bf16Linear.from_module)
 
 
 def uses_kernel(model: nn.Module) -> bool:
@@ -292,9 +303,7 @@ class GatedMLP(nn.Module):
         self.down_proj = down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("GatedMLP is inference-only (no gradients); load the encoder with cpu_kernel=False "
-                               "to differentiate through it.")
+        _inference_only(x, "GatedMLP")
         return self.down_proj(bf16_gated(x.float(), self.gate_up, self.intermediate))
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
@@ -326,20 +335,18 @@ def fuse_gated_mlps(model: nn.Module, probe_rows: int = 5) -> int:
     Matched by structure (``gate_proj``/``up_proj``/``down_proj`` without biases and a SiLU ``act_fn``), then
     proven: each fused module must reproduce the original on a random probe, else the original stays.
     """
-    fused = 0
-    for name, mod in list(model.named_modules()):
+    def is_candidate(mod: nn.Module) -> bool:
         gate, up, down = (getattr(mod, a, None) for a in ("gate_proj", "up_proj", "down_proj"))
-        if not (all(isinstance(m, Bf16Linear) and m.bias is None and not m.conv1d for m in (gate, up, down))
+        return (all(isinstance(m, Bf16Linear) and m.bias is None and not m.conv1d for m in (gate, up, down))
                 and _is_silu(getattr(mod, "act_fn", None)) and gate.out_features == up.out_features
-                and gate.in_features == up.in_features == down.out_features):
-            continue
-        new = GatedMLP(pack_gated(gate.weight, up.weight), gate.in_features, gate.out_features, down)
+                and gate.in_features == up.in_features == down.out_features)
+
+    def fused(mod: nn.Module) -> GatedMLP | None:
+        gate, up = mod.gate_proj, mod.up_proj
+        new = GatedMLP(pack_gated(gate.weight, up.weight), gate.in_features, gate.out_features, mod.down_proj)
         probe = torch.randn(probe_rows, gate.in_features, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             want, got = mod(probe), new(probe)
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        fused += 1
-    return fused
+        return new if torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())) else None
+
+    return _swap_modules(model, is_candidate, fused)
