@@ -29,13 +29,18 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None
                         "(bf16 weights, fp32 activations; the default where it builds)")
 
 
+def cpu_kernel_arg(args: argparse.Namespace) -> bool | None:
+    """``--no-cpu-kernel`` as ``Encoder.from_pretrained``'s ``cpu_kernel`` (None: automatic)."""
+    return False if getattr(args, "no_cpu_kernel", False) else None
+
+
 def load_from_args(args: argparse.Namespace):
     from ..encoder import Encoder
 
     enc = Encoder.from_pretrained(
         args.model, adapter=args.adapter, pooling=args.pooling, bidirectional=False if args.causal else None,
         max_length=args.max_length, dtype=args.dtype, device=args.device,
-        cpu_kernel=False if getattr(args, "no_cpu_kernel", False) else None,
+        cpu_kernel=cpu_kernel_arg(args),
     )
     return enc.compile() if getattr(args, "compile", False) else enc
 
@@ -166,13 +171,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             info["bidirectional_supported"] = False
             info["bidirectional_error"] = str(exc)
         info["architecture"] = architecture_name(model) if not config.architectures else info["architecture"]
-    from ..kernels import kernel_status
+    from ..kernels import convert_linears, fuse_gated_mlps, kernel_status
 
     ok, reason = kernel_status()
     info["cpu_bf16_kernel"] = "available" if ok else f"unavailable ({reason}); bf16 on CPU uses torch's bf16"
     if ok and not args.no_check:  # what bf16 on CPU would run through the kernel for this model
-        from ..kernels import convert_linears, fuse_gated_mlps
-
         n_linear = convert_linears(model)
         info["cpu_bf16_kernel"] += f": {n_linear} linear layers, {fuse_gated_mlps(model)} fused SiLU-gated MLPs"
     if args.json:
