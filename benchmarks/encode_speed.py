@@ -150,6 +150,11 @@ def stream_memory(args) -> None:
           f"peak {peak_rss_mb():.0f} MB (output array {out.nbytes / 2**20:.0f} MB)")
 
 
+def _fp32_math(variant: str) -> bool:
+    """Whether a row's matmuls run in fp32 ("l2v fp32", "naive fp32", int8 with fp32 activations)."""
+    return variant.endswith(" fp32") or "int8" in variant
+
+
 def _pct(x: float | None) -> str:
     return f"{100 * x:5.1f}%" if x else "    - "
 
@@ -186,6 +191,8 @@ def main() -> None:
     enc16 = Encoder.from_pretrained(dtype="bfloat16")  # l2v's default: the bf16 CPU kernel where it builds
     enc16t = Encoder.from_pretrained(dtype="bfloat16", cpu_kernel=False)  # torch's bf16 (activations in bf16)
     enc32 = Encoder.from_pretrained(dtype="float32")
+    # the kernel with every decoder layer on it (the default keeps the first 40% in fp32 for precision)
+    enc16f = Encoder.from_pretrained(dtype="bfloat16", fp32_layers=0) if enc16.cpu_kernel else None
     l2v16 = "l2v bf16 kernel" if enc16.cpu_kernel else "l2v bf16"
     tok = enc16.tokenizer
     kw = {"show_progress_bar": False}
@@ -198,8 +205,9 @@ def main() -> None:
     naive_tok.padding_side = "right"
     if naive_tok.pad_token is None:
         naive_tok.pad_token = naive_tok.eos_token
-    for enc in (enc16, enc16t, enc32):
-        enc.encode(sets["short"][:8], **kw)  # warm-up (+ packing probe)
+    for enc in (enc16, enc16f, enc16t, enc32):
+        if enc is not None:
+            enc.encode(sets["short"][:8], **kw)  # warm-up (+ packing probe)
     compiled, compile_s = {}, {}
     if args.compile:  # compile (and see every batch shape once) before anything is timed
         # the default path, plus torch's bf16 when the default is the kernel (as for the eager rows)
@@ -225,7 +233,8 @@ def main() -> None:
         adj["l2v fp32"], outs["l2v fp32"] = flops / best["l2v fp32"] / 1e9 / probe, ref
         runs = {l2v16: lambda t=texts: enc16.encode(t, **kw),
                 "naive bf16": lambda t=texts: naive_encode(enc16t.model, naive_tok, t)}
-        if enc16.cpu_kernel:
+        if enc16f is not None:
+            runs["kernel fp32_layers=0"] = lambda t=texts: enc16f.encode(t, **kw)
             runs["l2v bf16 torch"] = lambda t=texts: enc16t.encode(t, **kw)
         for name, enc in compiled.items():
             runs[name] = lambda t=texts, e=enc: e.encode(t, **kw)
@@ -239,7 +248,7 @@ def main() -> None:
         adj.update({k: 0.0 for k in runs})
         for _ in range(args.reps):  # interleaved: each repetition runs every variant once
             for k, fn in runs.items():
-                probe = matmul_rate(4096, 576, 1536, torch.float32 if "fp32" in k else torch.bfloat16, 0.3, 1)
+                probe = matmul_rate(4096, 576, 1536, torch.float32 if _fp32_math(k) else torch.bfloat16, 0.3, 1)
                 dt, outs[k] = timed(fn, 1)
                 best[k] = min(best[k], dt)
                 adj[k] = max(adj[k], flops / dt / 1e9 / probe)
@@ -249,7 +258,7 @@ def main() -> None:
             q.encode(texts[:4], **kw)
             best["l2v int8 (dynamic)"], outs["l2v int8 (dynamic)"] = timed(lambda t=texts, q=q: q.encode(t, **kw), 1)
         for k, dt in best.items():
-            peak = peaks["fp32" if ("fp32" in k or "int8" in k) else "bf16"]
+            peak = peaks["fp32" if _fp32_math(k) else "bf16"]
             rows.append({"set": set_name, "variant": k, "texts": len(texts), "tokens": sum(lengths),
                          "seconds": dt, "sent_per_s": len(texts) / dt, "tok_per_s": sum(lengths) / dt,
                          "gflops": flops / dt / 1e9, "frac_bf16_peak": flops / dt / 1e9 / peaks["bf16"],
@@ -274,11 +283,12 @@ def main() -> None:
         print(f"{r['set']:6} {r['variant']:20} {r['texts']:5d} {r['tokens']:6d} {r['sent_per_s']:7.1f} "
               f"{r['tok_per_s']:7.0f} {r['gflops']:8.1f} {100 * r['frac_bf16_peak']:6.1f}% "
               f"{100 * r['frac_own_peak']:5.1f}% {_pct(r['frac_adjacent_peak'])} {r['speedup_vs_naive_bf16']:7.2f}x {r['min_cos_vs_fp32']:8.4f} {r['n_cos_below_099']:5d}")
-    print(f"peak RSS {peak_rss_mb():.0f} MB (all {3 + len(compiled)} models loaded)")
+    print(f"peak RSS {peak_rss_mb():.0f} MB (all {3 + (enc16f is not None) + len(compiled)} models loaded)")
     for name, sec in compile_s.items():
         print(f"{name}: compile + first pass over both sets {sec:.0f} s (not in the rows above)")
     if enc16.cpu_kernel:
-        print("bf16 kernel: bf16 weights, fp32 activations and sums (l2v.kernels, the CPU default); "
+        print(f"bf16 kernel: bf16 weights, fp32 activations and sums (l2v.kernels, the CPU default), the first "
+              f"{enc16.fp32_layers} decoder layers in fp32; kernel fp32_layers=0: every layer on the kernel; "
               "bf16 torch: every activation rounded to bf16 (cpu_kernel=False).")
     print("%bf16pk: model FLOP/s / bf16 peak measured at start; %ownpk: / the peak of the variant's own dtype;\n"
           "%adjpk: / the same dtype's 4096x576x1536 matmul rate measured just before that run (robust to load).")

@@ -55,6 +55,14 @@ def test_no_cpu_kernel_flag(model_dir):
     args = build_parser().parse_args(["encode", "x", "-m", model_dir, "--dtype", "bfloat16", "--device", "cpu",
                                       "--no-cpu-kernel"])
     assert not load_from_args(args).cpu_kernel
+    if kernel_status()[0]:
+        args = build_parser().parse_args(["encode", "x", "-m", model_dir, "--dtype", "bfloat16", "--device",
+                                          "cpu", "--fp32-layers", "0"])
+        assert load_from_args(args).fp32_layers == 0
+        args.fp32_layers = None
+        assert load_from_args(args).fp32_layers == 1  # the default: 40% of 2 layers, rounded up
+    assert main(["encode", "x", "-m", model_dir, "--dtype", "bfloat16", "--no-cpu-kernel", "--fp32-layers", "1",
+                 "-q"]) == 2
     args = build_parser().parse_args(["export", model_dir, "out", "--dtype", "bfloat16"])
     assert args.no_cpu_kernel
 
@@ -111,7 +119,8 @@ def test_info_reports_bidirectional_support(model_dir, capsys):
     from l2v.kernels import kernel_status
 
     ok, reason = kernel_status()
-    expected = ("available: 14 linear layers, 2 fused SiLU-gated MLPs" if ok else f"unavailable ({reason})")
+    expected = ("available: 7 linear layers, 1 fused SiLU-gated MLPs; the first 1 of 2 decoder layers stay fp32"
+                if ok else f"unavailable ({reason})")
     assert info["cpu_bf16_kernel"].startswith(expected), info["cpu_bf16_kernel"]
 
 

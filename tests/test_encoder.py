@@ -316,22 +316,87 @@ def test_cpu_kernel_choice_and_errors(tmp_path, monkeypatch):
     assert fallback.encode(TEXTS[:2]).shape == (2, fallback.dim)
 
 
+@needs_kernel
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gpt2", "opt"])
+def test_fp32_layers_run_exactly_in_fp32(arch, tmp_path):
+    """The first ``fp32_layers`` decoder layers compute exactly what the fp32 model computes; the rest run on the
+    kernel (bf16-rounded matmul inputs and weights), so their outputs differ slightly."""
+    from tiny import save_tiny
+
+    path = save_tiny(arch, tmp_path / arch)
+    full = Encoder.from_pretrained(path, dtype="float32", device="cpu")
+    mixed = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu")  # default: ceil(0.4 * 2) = 1 layer
+    zero = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", fp32_layers=0)
+    assert (mixed.fp32_layers, zero.fp32_layers, full.fp32_layers) == (1, 0, 0)
+    assert mixed.cpu_kernel and zero.cpu_kernel
+    ids = torch.randint(3, 300, (2, 9))
+
+    def hidden(enc):
+        with torch.inference_mode():
+            return enc.model(input_ids=ids, output_hidden_states=True).hidden_states
+
+    f, m, z = hidden(full), hidden(mixed), hidden(zero)
+    torch.testing.assert_close(m[1], f[1], rtol=1e-6, atol=1e-6)  # layer 0: fp32 weights, fp32 math
+    scale = f[1].abs().max()
+    assert (z[1] - f[1]).abs().max() > 1e-4 * scale  # on the kernel, layer 0 rounds
+    assert (m[2] - f[2]).abs().max() > 1e-5 * f[2].abs().max()  # layer 1 is on the kernel
+    assert _cos(mixed.encode(TEXTS), full.encode(TEXTS)).min() >= 0.999
+
+
+@needs_kernel
+def test_fp32_layers_everywhere_is_the_fp32_model(tmp_path):
+    from tiny import save_tiny
+
+    path = save_tiny("llama", tmp_path / "m")
+    every = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", fp32_layers=2)
+    full = Encoder.from_pretrained(path, dtype="float32", device="cpu")
+    assert not every.cpu_kernel and every.dtype == torch.float32  # nothing left for the kernel
+    np.testing.assert_allclose(every.encode(TEXTS), full.encode(TEXTS), rtol=1e-5, atol=1e-6)
+
+
+def test_fp32_layers_errors(tmp_path, monkeypatch):
+    from tiny import save_tiny
+
+    import l2v.encoder as encoder_mod
+
+    path = save_tiny("llama", tmp_path / "m")
+    for bad in (-1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="fp32_layers must be a non-negative integer"):
+            Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", fp32_layers=bad)
+    with pytest.raises(ValueError, match="cannot be combined with cpu_kernel=False"):
+        Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", cpu_kernel=False, fp32_layers=1)
+    if _kernel_available():
+        with pytest.raises(ValueError, match="fp32_layers=3, but the model has only 2 decoder layers"):
+            Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", fp32_layers=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Encoder.from_pretrained(path, dtype="float32", device="cpu", fp32_layers=1)  # already all fp32: no-op
+    monkeypatch.setattr(encoder_mod, "kernel_status", lambda: (False, "no C compiler found"))
+    with pytest.warns(UserWarning, match="fp32_layers=1 is ignored"):
+        enc = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", fp32_layers=1)
+    assert not enc.cpu_kernel and enc.fp32_layers == 0
+
+
 # ---------------------------------------------------------------- the real default model
 @pytest.mark.slow
 def test_default_model_bf16_matches_fp32(default_encoder):
-    """bf16 (the CPU default) against fp32 on the default model, on hand-picked and on 128 real news sentences.
+    """bf16 (the CPU default) against fp32 on the default model: every text >= 0.99.
 
-    Causal: every text >= 0.99 either way. Bidirectionally a few texts in a hundred are hypersensitive to
-    rounding (massive activations in hidden dim 507; benchmarks/RESULTS.md "bf16 against fp32"): torch's plain
-    bf16 (``cpu_kernel=False``, every activation rounded) and l2v's bf16 CPU kernel (the default where it builds:
-    fp32 activations, bf16 weights) both leave a couple of the 128 in 0.985-0.99 (which ones depends on rounding
-    luck; see RESULTS.md), but the kernel's typical error is several times smaller. A broken bf16 path (pooling,
-    masks, dtype, kernel) fails every bound.
+    Texts: hand-picked, 128 news sentences (Lee corpus), 194 movie-review snippets (pang_lee, with their label
+    prefix) and 11 Russian sentences (the opening of *Crime and Punishment*) from gensim's test data, and 100
+    WordNet noun glosses. Bidirectionally a few texts in a hundred are hypersensitive to rounding made before
+    the model forms its massive activations (benchmarks/RESULTS.md, "bf16 against fp32" and "fp32 leading
+    layers"), so the default keeps the first 40% of the layers in fp32 under l2v's bf16 CPU kernel: every text
+    stays >= 0.99. With every layer on the kernel (``fp32_layers=0``) or with torch's plain bf16
+    (``cpu_kernel=False``) a few land in 0.9-0.99 (about 1 in 100 on WordNet glosses); those paths are held to
+    their measured typical error. Causal: every text >= 0.99 either way. A broken bf16 path (pooling, masks,
+    dtype, kernel, kept layers) fails every bound.
     """
     import re
 
     from l2v import causal_attention
-    from l2v.data.offline import gensim_file
+    from l2v.data.offline import DataSourceMissing, gensim_file
+    from l2v.data.sources import wordnet_entries
     from l2v.encoder import cpu_supports_bf16
     from l2v.kernels import kernel_status
 
@@ -339,28 +404,42 @@ def test_default_model_bf16_matches_fp32(default_encoder):
                  "Cats sleep most of the day.", "Quantum computers use qubits to perform calculations."]
     lee = gensim_file("lee_background.cor").read_text(encoding="utf-8").splitlines()
     news = [s for d in lee for s in re.split(r"(?<=[.!?])\s+", d.strip()) if 60 <= len(s) <= 220][:128]
-    assert len(news) == 128
+    reviews = [line.strip() for line in gensim_file("pang_lee_polarity.cor").read_text(
+        encoding="utf-8", errors="replace").splitlines() if 40 <= len(line.strip()) <= 250]
+    novel = [s.replace("\n", " ").strip() for s in re.split(r"(?<=[.!?])\s+", gensim_file(
+        "crime-and-punishment.txt").read_text(encoding="utf-8"))]  # its Russian opening
+    novel = [s for s in novel if 80 <= len(s) <= 300]
+    try:
+        glosses = [e["gloss"] for e in wordnet_entries("n") if len(e["gloss"]) > 20][::97][:100]
+    except DataSourceMissing:  # WordNet is a system package; the gensim texts still run
+        glosses = []
+    assert len(news) == 128 and len(reviews) == 194 and len(novel) == 11 and len(glosses) in (0, 100)
+    texts = sentences + news + reviews + novel + glosses
     fp32 = Encoder.from_pretrained("smollm2-135m", dtype="float32")
     if cpu_supports_bf16():
         assert default_encoder.dtype == torch.bfloat16  # bf16 by default on capable CPUs
         assert default_encoder.cpu_kernel == kernel_status()[0]
     kernel = Encoder.from_pretrained("smollm2-135m", dtype="bfloat16")
     plain = Encoder.from_pretrained("smollm2-135m", dtype="bfloat16", cpu_kernel=False)
+    ref = fp32.encode(texts, normalize=True)
 
-    def cosines(bf16, texts):
-        return (fp32.encode(texts, normalize=True) * bf16.encode(texts, normalize=True)).sum(1)
+    def cosines(bf16, texts=texts, ref=ref):
+        return (ref * bf16.encode(texts, normalize=True)).sum(1)
 
-    for bf16 in (kernel, plain):
-        assert cosines(bf16, sentences).min() >= 0.99
-    bi = cosines(plain, news)
-    assert np.median(bi) >= 0.999 and (bi >= 0.99).mean() >= 0.95 and bi.min() >= 0.9, np.sort(bi)[:8]
+    bi = cosines(plain)
+    assert cosines(plain, sentences, ref[:len(sentences)]).min() >= 0.99
+    assert np.median(bi) >= 0.999 and (bi >= 0.99).mean() >= 0.95 and bi.min() >= 0.8, np.sort(bi)[:8]
     if kernel.cpu_kernel:
-        bik = cosines(kernel, news)
-        assert np.median(1 - bik) <= 0.5 * np.median(1 - bi), (np.median(bik), np.median(bi))
-        assert (bik < 0.99).sum() <= max(2, (bi < 0.99).sum()) and bik.min() >= 0.98, np.sort(bik)[:8]
+        assert kernel.fp32_layers == 12  # 40% of 30
+        default = cosines(kernel)
+        assert default.min() >= 0.99, np.sort(default)[:8]  # the issue's bound, for every text
+        assert np.median(1 - default) <= 0.25 * np.median(1 - bi), (np.median(default), np.median(bi))
+        fast = cosines(Encoder.from_pretrained("smollm2-135m", dtype="bfloat16", fp32_layers=0))
+        assert np.median(1 - fast) <= 0.5 * np.median(1 - bi), (np.median(fast), np.median(bi))
+        assert (fast >= 0.99).mean() >= 0.97 and fast.min() >= 0.8, np.sort(fast)[:8]
     with causal_attention(fp32.model), causal_attention(kernel.model), causal_attention(plain.model):
         for bf16 in (kernel, plain):
-            causal = cosines(bf16, news)
+            causal = cosines(bf16, news, fp32.encode(news, normalize=True))
             assert causal.min() >= 0.99, np.sort(causal)[:8]
 
 

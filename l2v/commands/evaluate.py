@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .inference import MODEL_HELP, add_model_args, cpu_kernel_arg
+from .inference import MODEL_HELP, add_model_args, kernel_kwargs
 
 EVAL_MODEL_HELP = MODEL_HELP + "; or 'minilm' / a sentence-transformers folder (baseline)"
 
@@ -20,7 +20,7 @@ def _load(spec: str | None, args: argparse.Namespace, causal: bool | None = None
     causal = args.causal if causal is None else causal
     return load_model(spec, adapter=args.adapter, pooling=args.pooling,
                       bidirectional=False if causal else None, max_length=args.max_length, dtype=args.dtype,
-                      device=args.device, cpu_kernel=cpu_kernel_arg(args))
+                      device=args.device, **kernel_kwargs(args))
 
 
 def _tasks(args: argparse.Namespace) -> list:

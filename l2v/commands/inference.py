@@ -27,11 +27,15 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("--no-cpu-kernel", action="store_true",
                    help="bf16 on CPU: use torch's bf16 (every activation rounded to bf16) instead of l2v's kernel "
                         "(bf16 weights, fp32 activations; the default where it builds)")
+    p.add_argument("--fp32-layers", type=int, default=None, metavar="N",
+                   help="with the bf16 CPU kernel: keep the first N decoder layers in fp32 (default: 40%% of them, "
+                        "so every text stays at cosine >= 0.99 with fp32; 0 = fastest, see README Precision)")
 
 
-def cpu_kernel_arg(args: argparse.Namespace) -> bool | None:
-    """``--no-cpu-kernel`` as ``Encoder.from_pretrained``'s ``cpu_kernel`` (None: automatic)."""
-    return False if getattr(args, "no_cpu_kernel", False) else None
+def kernel_kwargs(args: argparse.Namespace) -> dict:
+    """``--no-cpu-kernel`` / ``--fp32-layers`` as ``Encoder.from_pretrained``'s ``cpu_kernel`` / ``fp32_layers``."""
+    return {"cpu_kernel": False if getattr(args, "no_cpu_kernel", False) else None,
+            "fp32_layers": getattr(args, "fp32_layers", None)}
 
 
 def load_from_args(args: argparse.Namespace):
@@ -40,7 +44,7 @@ def load_from_args(args: argparse.Namespace):
     enc = Encoder.from_pretrained(
         args.model, adapter=args.adapter, pooling=args.pooling, bidirectional=False if args.causal else None,
         max_length=args.max_length, dtype=args.dtype, device=args.device,
-        cpu_kernel=cpu_kernel_arg(args),
+        **kernel_kwargs(args),
     )
     return enc.compile() if getattr(args, "compile", False) else enc
 
@@ -171,13 +175,17 @@ def cmd_info(args: argparse.Namespace) -> int:
             info["bidirectional_supported"] = False
             info["bidirectional_error"] = str(exc)
         info["architecture"] = architecture_name(model) if not config.architectures else info["architecture"]
-    from ..kernels import convert_linears, fuse_gated_mlps, kernel_status
+    from ..kernels import convert_linears, decoder_layers, fp32_leading_layers, fuse_gated_mlps, kernel_status
 
     ok, reason = kernel_status()
     info["cpu_bf16_kernel"] = "available" if ok else f"unavailable ({reason}); bf16 on CPU uses torch's bf16"
-    if ok and not args.no_check:  # what bf16 on CPU would run through the kernel for this model
-        n_linear = convert_linears(model)
+    if ok and not args.no_check:  # what bf16 on CPU would run through the kernel for this model (the default)
+        kept = fp32_leading_layers(model)
+        n_linear = convert_linears(model, keep=kept)
         info["cpu_bf16_kernel"] += f": {n_linear} linear layers, {fuse_gated_mlps(model)} fused SiLU-gated MLPs"
+        layers = decoder_layers(model)
+        if layers is not None:
+            info["cpu_bf16_kernel"] += f"; the first {len(kept)} of {len(layers)} decoder layers stay fp32"
     if args.json:
         print(json.dumps(info, indent=2))
     else:

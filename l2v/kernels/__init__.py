@@ -6,10 +6,12 @@ from .linear import (
     bf16_gated,
     bf16_linear,
     convert_linears,
+    decoder_layers,
+    fp32_leading_layers,
     fuse_gated_mlps,
     kernel_status,
     uses_kernel,
 )
 
-__all__ = ["Bf16Linear", "GatedMLP", "bf16_gated", "bf16_linear", "convert_linears", "fuse_gated_mlps",
-           "kernel_status", "uses_kernel"]
+__all__ = ["Bf16Linear", "GatedMLP", "bf16_gated", "bf16_linear", "convert_linears", "decoder_layers",
+           "fp32_leading_layers", "fuse_gated_mlps", "kernel_status", "uses_kernel"]

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -276,12 +277,53 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
-def convert_linears(model: nn.Module) -> int:
+def convert_linears(model: nn.Module, keep: Iterable[nn.Module] = ()) -> int:
     """Swap every ``nn.Linear``/``Conv1D`` in ``model`` for :class:`Bf16Linear`, in place; returns how many.
 
-    The rest of the model should be fp32 (activations stay fp32 between the kernels).
+    Linear layers inside the modules in ``keep`` (e.g. the first decoder layers, see :func:`decoder_layers`) stay
+    as they are. The rest of the model should be fp32 (activations stay fp32 between the kernels).
     """
-    return _swap_modules(model, lambda m: isinstance(m, nn.Linear) or _is_conv1d(m), Bf16Linear.from_module)
+    kept = {id(m) for k in keep for m in k.modules()}
+    return _swap_modules(model, lambda m: (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in kept,
+                         Bf16Linear.from_module)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The model's stack of decoder blocks (``layers``, GPT-2's ``h``, OPT's ``decoder.layers``...), or None.
+
+    Found generically: the ``nn.ModuleList`` whose length is the config's layer count.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    if not n:
+        return None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    return None
+
+
+FP32_LAYER_FRACTION = 0.4  # the default share of leading decoder layers kept in fp32 (benchmarks/RESULTS.md)
+
+
+def fp32_leading_layers(model: nn.Module, count: int | None = None) -> list[nn.Module]:
+    """The first ``count`` decoder layers (default: 40%, rounded up), to pass as ``convert_linears(keep=...)``.
+
+    Why: a bidirectional model amplifies rounding errors made before it forms its massive activations (layer ~12
+    of 30 on the default model); keeping those layers in fp32 removes the worst texts' error against fp32.
+    """
+    layers = decoder_layers(model)
+    if layers is None:
+        if count:
+            raise ValueError(f"fp32_layers={count}: cannot find the decoder layers of {type(model).__name__} "
+                             "(no ModuleList of config.num_hidden_layers blocks).")
+        return []
+    n = math.ceil(FP32_LAYER_FRACTION * len(layers)) if count is None else count
+    if n > len(layers):
+        raise ValueError(f"fp32_layers={n}, but the model has only {len(layers)} decoder layers.")
+    return list(layers[:n])
 
 
 def uses_kernel(model: nn.Module) -> bool:

@@ -258,3 +258,50 @@ def test_gated_op_compiles_as_one_graph():
     fn = torch.compile(lambda x: bf16_gated(x * 2, packed, 40) + 1, fullgraph=True, dynamic=True)
     x = torch.randn(5, 32)
     assert torch.allclose(fn(x), bf16_gated(x * 2, packed, 40) + 1, atol=1e-6)
+
+
+# ---------------------------------------------------------------- leading layers kept in fp32
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "opt"])
+def test_decoder_layers_are_found_generically(arch):
+    """Llama-style ``layers``, GPT-2's ``h``, OPT's ``decoder.layers``: the stack of blocks, in order."""
+    from tiny import tiny_model
+
+    from l2v.kernels import decoder_layers
+
+    model = tiny_model(arch).base_model
+    layers = decoder_layers(model)
+    assert isinstance(layers, torch.nn.ModuleList) and len(layers) == 2
+    assert all(any("att" in name for name, _ in layer.named_children()) for layer in layers)  # attn, attention
+
+
+def test_fp32_leading_layers_count_default_and_errors():
+    from tiny import tiny_model
+
+    from l2v.kernels import fp32_leading_layers
+    from l2v.kernels.linear import FP32_LAYER_FRACTION
+
+    model = tiny_model("llama").base_model
+    assert FP32_LAYER_FRACTION == 0.4
+    assert fp32_leading_layers(model) == [model.layers[0]]  # ceil(0.4 * 2) = 1
+    assert fp32_leading_layers(model, 0) == [] and fp32_leading_layers(model, 2) == list(model.layers)
+    with pytest.raises(ValueError, match="only 2 decoder layers"):
+        fp32_leading_layers(model, 3)
+    no_layers = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert fp32_leading_layers(no_layers) == []  # the default quietly keeps nothing
+    with pytest.raises(ValueError, match="cannot find the decoder layers of Sequential"):
+        fp32_leading_layers(no_layers, 1)
+
+
+@needs_kernel
+def test_convert_linears_leaves_kept_layers_alone():
+    from tiny import tiny_model
+
+    from l2v.kernels import fp32_leading_layers, fuse_gated_mlps
+
+    model = tiny_model("llama").base_model
+    kept = fp32_leading_layers(model, 1)
+    assert convert_linears(model, keep=kept) == 7  # layer 1's q, k, v, o, gate, up, down
+    assert fuse_gated_mlps(model) == 1
+    first = [m for m in model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    assert len(first) == 7 and all(m.weight.dtype == torch.float32 for m in first)
+    assert not uses_kernel(model.layers[0]) and uses_kernel(model.layers[1])
