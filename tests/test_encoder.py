@@ -309,10 +309,17 @@ def test_cpu_kernel_choice_and_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cpu_kernel=True needs dtype bfloat16 on CPU"):
         Encoder.from_pretrained(path, dtype="float32", device="cpu", cpu_kernel=True)
     monkeypatch.setattr(encoder_mod, "kernel_status", lambda: (False, "no C compiler found"))
+    monkeypatch.setattr(encoder_mod, "_FALLBACK_WARNED", [])
     with pytest.raises(RuntimeError, match="unavailable: no C compiler found"):
         Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", cpu_kernel=True)
-    fallback = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu")  # automatic: torch's bf16
+    with pytest.warns(UserWarning, match=r"kernel is unavailable \(no C compiler found\); bf16 runs on torch"):
+        fallback = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu")  # automatic: torch's bf16
     assert not fallback.cpu_kernel and fallback.dtype == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process; an explicit cpu_kernel=False never warns
+        Encoder.from_pretrained(path, dtype="bfloat16", device="cpu")
+        monkeypatch.setattr(encoder_mod, "_FALLBACK_WARNED", [])
+        Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", cpu_kernel=False)
     assert fallback.encode(TEXTS[:2]).shape == (2, fallback.dim)
 
 
@@ -372,6 +379,7 @@ def test_fp32_layers_errors(tmp_path, monkeypatch):
         warnings.simplefilter("error")
         Encoder.from_pretrained(path, dtype="float32", device="cpu", fp32_layers=1)  # already all fp32: no-op
     monkeypatch.setattr(encoder_mod, "kernel_status", lambda: (False, "no C compiler found"))
+    monkeypatch.setattr(encoder_mod, "_FALLBACK_WARNED", ["already warned"])
     with pytest.warns(UserWarning, match="fp32_layers=1 is ignored"):
         enc = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", fp32_layers=1)
     assert not enc.cpu_kernel and enc.fp32_layers == 0
