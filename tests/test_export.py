@@ -81,6 +81,8 @@ def test_cli_export(with_adapter, tmp_path, capsys):
     np.testing.assert_allclose(enc.encode(TEXTS), ref.encode(TEXTS), atol=1e-5)
     assert main(["export", base, str(tmp_path / "cli")]) == 2  # exists: one-line error, exit code 2
     assert "not empty" in capsys.readouterr().err
+    # --fp32-layers has nothing to choose in an export (plain layers): accepted, not an error
+    assert main(["export", base, str(tmp_path / "cli16"), "--dtype", "bfloat16", "--fp32-layers", "1"]) == 0
 
 
 def test_encode_dimensions(with_adapter):

@@ -30,6 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export
 
+    args.fp32_layers = None  # export writes plain layers (no kernel), so there is no kernel/fp32 split to choose
     encoder = load_from_args(args)
     out = export(encoder, args.outdir, sentence_transformers=not args.no_sentence_transformers,
                  overwrite=args.overwrite)
