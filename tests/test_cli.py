@@ -119,7 +119,7 @@ def test_info_reports_bidirectional_support(model_dir, capsys):
     from l2v.kernels import kernel_status
 
     ok, reason = kernel_status()
-    expected = ("available: 7 linear layers, 1 fused SiLU-gated MLPs; the first 1 of 2 decoder layers stay fp32"
+    expected = ("available: 14 linear layers, 2 fused SiLU-gated MLPs; the first 1 of 2 decoder layers stay fp32"
                 if ok else f"unavailable ({reason})")
     assert info["cpu_bf16_kernel"].startswith(expected), info["cpu_bf16_kernel"]
 

@@ -1,4 +1,5 @@
-/* l2v's CPU linear kernel: fp32 activations x bf16 weights -> fp32 outputs, with AVX512-BF16 (vdpbf16ps).
+/* l2v's CPU linear kernel: fp32 activations x bf16 weights -> fp32 outputs, with AVX512-BF16 (vdpbf16ps),
+   and its fp32-weight twin (l2v_linear_f32w, plain AVX-512 FMA) for the layers kept in fp32.
 
    Why: torch on CPU offers bf16 matmuls only with bf16 outputs, and rounding every activation of a
    bidirectional LLM to bf16 moves some embeddings below cosine 0.99 of fp32 (see benchmarks/RESULTS.md).
@@ -154,4 +155,92 @@ int l2v_linear_f32(const float* A, int64_t lda, int64_t M, int64_t K, const uint
     free(abuf);
   }
   return err;
+}
+
+/* ---------------------------------------------------------------- fp32 weights (layers kept in fp32)
+   Same tiling and epilogues; weights packed as [N/64][K][64] fp32; A is read in place (no conversion).
+   Why not torch: at the model's shapes torch's fp32 matmul reached 118-188 GFLOP/s here, this 205-227. */
+static inline __attribute__((always_inline)) void kern32(const int mr, const int gated, const float* a, int64_t lda,
+                                                         const float* b, int64_t K, float* c, int64_t ldc,
+                                                         const float* bias, int ncols) {
+  __m512 acc[MR][4];
+  __mmask16 m[4];
+  for (int j = 0; j < 4; ++j) {
+    int left = ncols - 16 * j;
+    m[j] = left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1));
+  }
+  for (int j = 0; j < 4; ++j) {
+    __m512 init = bias ? _mm512_maskz_loadu_ps(m[j], bias + 16 * j) : _mm512_setzero_ps();
+    for (int r = 0; r < mr; ++r) acc[r][j] = init;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bp = b + k * NR;
+    __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
+    __m512 b2 = _mm512_loadu_ps(bp + 32), b3 = _mm512_loadu_ps(bp + 48);
+    for (int r = 0; r < mr; ++r) {
+      __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
+    }
+  }
+  if (gated) {
+    for (int r = 0; r < mr; ++r)
+      for (int j = 0; j < 2; ++j)
+        _mm512_mask_storeu_ps(c + r * ldc + 16 * j, m[j], _mm512_mul_ps(silu512(acc[r][j]), acc[r][j + 2]));
+  } else if (ncols >= NR) {
+    for (int r = 0; r < mr; ++r)
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
+  } else {
+    for (int r = 0; r < mr; ++r)
+      for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + 16 * j, m[j], acc[r][j]);
+  }
+}
+
+#define L2V_KERN32_CASES(G)                                             \
+  switch (mr) {                                                         \
+    case 6: kern32(6, G, a, lda, b, K, c, ldc, bias, ncols); break;     \
+    case 5: kern32(5, G, a, lda, b, K, c, ldc, bias, ncols); break;     \
+    case 4: kern32(4, G, a, lda, b, K, c, ldc, bias, ncols); break;     \
+    case 3: kern32(3, G, a, lda, b, K, c, ldc, bias, ncols); break;     \
+    case 2: kern32(2, G, a, lda, b, K, c, ldc, bias, ncols); break;     \
+    default: kern32(1, G, a, lda, b, K, c, ldc, bias, ncols); break;    \
+  }
+
+static void kern32_any(int mr, int gated, const float* a, int64_t lda, const float* b, int64_t K, float* c,
+                       int64_t ldc, const float* bias, int ncols) {
+  if (gated) {
+    L2V_KERN32_CASES(1)
+  } else {
+    L2V_KERN32_CASES(0)
+  }
+}
+
+/* C[M, N] = A[M, K] @ W^T + bias in fp32 (one sequential fp32 FMA chain per output), W packed [N/64][K][64].
+   gated: as l2v_linear_f32. Returns 0. */
+int l2v_linear_f32w(const float* A, int64_t lda, int64_t M, int64_t K, const float* Bp, int64_t N, const float* bias,
+                    float* C, int64_t ldc, int64_t MB, int nthreads, int gated) {
+  int64_t NB = (N + NR - 1) / NR, WN = gated ? NR / 2 : NR;
+  if (MB <= 0) MB = 96;
+  int64_t MBLK = (M + MB - 1) / MB;
+  int64_t ntask = MBLK * NB;
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+  {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t lo = ntask * t / nt, hi = ntask * (t + 1) / nt;
+    for (int64_t i = lo; i < hi; ++i) {
+      int64_t mb = i / NB, nb = i % NB;
+      int64_t m0 = mb * MB, mlen = M - m0 < MB ? M - m0 : MB;
+      int64_t outs = gated ? N / 2 : N;
+      int ncols = (int)(outs - nb * WN < WN ? outs - nb * WN : WN);
+      const float* b = Bp + nb * K * NR;
+      const float* bb = bias && !gated ? bias + nb * NR : NULL;
+      for (int64_t r = 0; r < mlen; r += MR) {
+        int mr = (int)(mlen - r < MR ? mlen - r : MR);
+        kern32_any(mr, gated, A + (m0 + r) * lda, lda, b, K, C + (m0 + r) * ldc + nb * WN, ldc, bb, ncols);
+      }
+    }
+  }
+  return 0;
 }

@@ -2,12 +2,13 @@
 
 Why: on CPU, torch's bf16 matmul rounds its *outputs* to bf16, so a bf16 model rounds every activation. For the
 default model run bidirectionally that moves a few embeddings in a hundred below cosine 0.99 of fp32. Rounding
-only the matmul *inputs* (bf16 x bf16 products summed in fp32, fp32 out) makes the typical error 5-30x smaller
-and removes most of that tail, though not all of it: bf16 weights alone leave the worst texts near 0.99
-(benchmarks/RESULTS.md, "The bf16 CPU kernel"). torch 2.13 has no such CPU matmul, so l2v builds one: a small C
-file compiled once with the system C compiler into the l2v cache directory. It is as fast as torch's bf16 matmul
-here and keeps weights at 2 bytes each. Without a compiler or AVX512-BF16, :func:`kernel_status` says why and
-callers keep torch's own bf16 path.
+only the matmul *inputs* (bf16 x bf16 products summed in fp32, fp32 out) makes the typical error 5-30x smaller,
+and keeping the first 40% of the decoder layers entirely in fp32 (:func:`fp32_leading_layers`; the same C file's
+fp32-weight path, faster here than torch's fp32 matmul) removes the tail (benchmarks/RESULTS.md, "fp32 leading
+layers"). torch 2.13 has no bf16 CPU matmul with fp32 outputs, so l2v builds one: a small C file compiled once
+with the system C compiler into the l2v cache directory. It is as fast as torch's bf16 matmul here and keeps
+weights at 2 bytes each. Without a compiler or AVX512-BF16, :func:`kernel_status` says why and callers keep
+torch's own bf16 path.
 """
 
 from __future__ import annotations
@@ -91,10 +92,10 @@ def _load() -> ctypes.CDLL | None:
             try:
                 # torch is imported first, so the kernel's libgomp.so.1 resolves to torch's own OpenMP runtime.
                 lib = ctypes.CDLL(str(_build(cc)))
-                fn = lib.l2v_linear_f32
-                fn.restype = ctypes.c_int
                 p, i64 = ctypes.c_void_p, ctypes.c_int64
-                fn.argtypes = [p, i64, i64, i64, p, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
+                for fn in (lib.l2v_linear_f32, lib.l2v_linear_f32w):
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [p, i64, i64, i64, p, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
                 _state["lib"] = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _state["error"] = f"building the kernel failed: {exc}"
@@ -108,21 +109,33 @@ def kernel_status() -> tuple[bool, str]:
 
 
 # ------------------------------------------------------------------------------------------- weight layout
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+def pack_weight(weight: torch.Tensor, fp32: bool = False) -> torch.Tensor:
     """``[N, K]`` (nn.Linear layout) -> ``[N/64, K/2, 64, 2]`` bf16 bits: each panel's k-pairs side by side (VNNI).
 
-    Stored as int16 so ``module.to(dtype)`` (which casts floating buffers) cannot corrupt the bits.
+    Stored as int16 so ``module.to(dtype)`` (which casts floating buffers) cannot corrupt the bits. ``fp32``:
+    full-precision weights instead, ``[N/64, K, 64]`` fp32 bits stored as int32 (for layers kept in fp32).
     """
     n, k = weight.shape
     nb, k2 = -(-n // BLOCK_N), -(-k // 2)
+    if fp32:
+        w = torch.zeros(nb * BLOCK_N, k, dtype=torch.float32)
+        w[:n] = weight.detach().to("cpu", torch.float32)
+        return w.view(nb, BLOCK_N, k).transpose(1, 2).contiguous().view(torch.int32)
     w = torch.zeros(nb * BLOCK_N, k2 * 2, dtype=torch.bfloat16)
     w[:n, :k] = weight.detach().to("cpu", torch.bfloat16)
     return w.view(nb, BLOCK_N, k2, 2).permute(0, 2, 1, 3).contiguous().view(torch.int16)
 
 
+def is_fp32_packed(packed: torch.Tensor) -> bool:
+    return packed.dtype == torch.int32
+
+
 def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack_weight` (bf16 ``[N, K]``)."""
-    nb, k2 = packed.shape[0], packed.shape[1]
+    """Inverse of :func:`pack_weight` (``[N, K]``, bf16 or fp32 as packed)."""
+    nb = packed.shape[0]
+    if is_fp32_packed(packed):
+        return packed.view(torch.float32).transpose(1, 2).reshape(nb * BLOCK_N, packed.shape[1])[:n, :k].contiguous()
+    k2 = packed.shape[1]
     w = packed.view(torch.bfloat16).permute(0, 2, 1, 3).reshape(nb * BLOCK_N, k2 * 2)
     return w[:n, :k].contiguous()
 
@@ -140,8 +153,10 @@ def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_f
         raise RuntimeError("l2v's bf16 kernel runs on CPU only; load the encoder on the GPU without it "
                            "(Encoder.from_pretrained(..., device='cuda') never uses it).")
     cols = out_features * 2 if gated else out_features  # packed rows: gate and up interleaved when gated
-    if (x.dtype != torch.float32 or packed.dtype != torch.int16 or packed.dim() != 4
-            or packed.shape[1] != (k + 1) // 2 or not 0 < cols <= packed.shape[0] * BLOCK_N
+    fp32 = is_fp32_packed(packed)
+    layout_ok = (packed.dim() == 3 and packed.shape[1] == k) if fp32 else (
+        packed.dtype == torch.int16 and packed.dim() == 4 and packed.shape[1] == (k + 1) // 2)
+    if (x.dtype != torch.float32 or not layout_ok or not 0 < cols <= packed.shape[0] * BLOCK_N
             or (bias is not None and (gated or bias.numel() != out_features))):
         raise ValueError(f"bf16_linear: a packed weight of {tuple(packed.shape)} ({packed.dtype}) does not fit a "
                          f"{x.dtype} input of {tuple(x.shape)} and {out_features} outputs.")
@@ -153,7 +168,8 @@ def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_f
     m = x2.shape[0]
     out = torch.empty((m, out_features), dtype=torch.float32)
     if m:
-        rc = lib.l2v_linear_f32(x2.data_ptr(), x2.stride(0), m, k, packed.data_ptr(), cols,
+        fn = lib.l2v_linear_f32w if fp32 else lib.l2v_linear_f32
+        rc = fn(x2.data_ptr(), x2.stride(0), m, k, packed.data_ptr(), cols,
                                 bias.data_ptr() if bias is not None else None, out.data_ptr(), out_features,
                                 ROWS_PER_TASK, torch.get_num_threads(), int(gated))
         if rc:
@@ -163,7 +179,9 @@ def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_f
 
 @torch.library.custom_op("l2v::bf16_linear", mutates_args=())
 def bf16_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """``x @ W.T + bias`` with x rounded to bf16, fp32 sums, fp32 result (x: fp32 ``[..., K]``)."""
+    """``x @ W.T + bias`` with x rounded to bf16, fp32 sums, fp32 result (x: fp32 ``[..., K]``).
+
+    With a weight packed by ``pack_weight(w, fp32=True)`` everything is fp32 (no rounding)."""
     return _run(x, packed, bias, out_features, gated=False)
 
 
@@ -183,14 +201,15 @@ def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def pack_gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def pack_gated(gate: torch.Tensor, up: torch.Tensor, fp32: bool = False) -> torch.Tensor:
     """Interleave 32-row slices of gate and up so each 64-row panel holds matching gate and up outputs."""
     i, k = gate.shape
     half = BLOCK_N // 2
     nb = -(-i // half)
-    both = torch.zeros(2, nb * half, k, dtype=torch.bfloat16)  # [gate; up], rows padded to whole slices
-    both[0, :i], both[1, :i] = gate.detach().to("cpu", torch.bfloat16), up.detach().to("cpu", torch.bfloat16)
-    return pack_weight(both.view(2, nb, half, k).transpose(0, 1).reshape(nb * BLOCK_N, k))
+    dt = torch.float32 if fp32 else torch.bfloat16
+    both = torch.zeros(2, nb * half, k, dtype=dt)  # [gate; up], rows padded to whole slices
+    both[0, :i], both[1, :i] = gate.detach().to("cpu", dt), up.detach().to("cpu", dt)
+    return pack_weight(both.view(2, nb, half, k).transpose(0, 1).reshape(nb * BLOCK_N, k), fp32=fp32)
 
 
 def unpack_gated(packed: torch.Tensor, i: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,9 +241,10 @@ def _swap_modules(model: nn.Module, match: Callable[[nn.Module], bool],
 class Bf16Linear(nn.Module):
     """Drop-in inference replacement for ``nn.Linear`` (or transformers' ``Conv1D``) on fp32 activations.
 
-    The weight lives only in packed bf16 form; ``state_dict`` still writes (and reads) a plain ``weight`` in the
-    original module's layout, so ``save_pretrained`` produces a normal checkpoint. No gradients: it is for
-    inference (training keeps ordinary layers).
+    The weight lives only in packed bf16 form (or fp32, ``from_module(m, fp32=True)``, for the layers kept in
+    fp32); ``state_dict`` still writes (and reads) a plain ``weight`` in the original module's layout, so
+    ``save_pretrained`` produces a normal checkpoint. No gradients: it is for inference (training keeps ordinary
+    layers).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, packed: torch.Tensor,
@@ -235,17 +255,22 @@ class Bf16Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().cpu(), requires_grad=False)
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> Bf16Linear:
+    def from_module(cls, module: nn.Module, fp32: bool = False) -> Bf16Linear:
         if isinstance(module, nn.Linear):
             w, conv1d = module.weight, False
         else:  # transformers Conv1D: weight [in, out], y = x @ W + b
             w, conv1d = module.weight.t(), True
         n, k = w.shape
-        return cls(k, n, module.bias, pack_weight(w), conv1d=conv1d)
+        return cls(k, n, module.bias, pack_weight(w, fp32=fp32), conv1d=conv1d)
+
+    @property
+    def fp32(self) -> bool:
+        """Whether the weight is kept in fp32 (exact fp32 math) rather than bf16."""
+        return is_fp32_packed(self.packed)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The bf16 weight in the original layout (a copy, for inspection and saving)."""
+        """The bf16 (or fp32) weight in the original layout (a copy, for inspection and saving)."""
         w = unpack_weight(self.packed, self.out_features, self.in_features)
         return w.t().contiguous() if self.conv1d else w
 
@@ -262,7 +287,7 @@ class Bf16Linear(nn.Module):
         key = prefix + "weight"
         if key in state_dict:
             w = state_dict[key]
-            self.packed = pack_weight(w.t() if self.conv1d else w)
+            self.packed = pack_weight(w.t() if self.conv1d else w, fp32=self.fp32)
             state_dict = {k: v for k, v in state_dict.items() if k != key}
         elif strict:
             missing_keys.append(key)
@@ -270,7 +295,8 @@ class Bf16Linear(nn.Module):
                                       error_msgs)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weights={'fp32' if self.fp32 else 'bf16'}")
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -280,12 +306,13 @@ def _is_conv1d(module: nn.Module) -> bool:
 def convert_linears(model: nn.Module, keep: Iterable[nn.Module] = ()) -> int:
     """Swap every ``nn.Linear``/``Conv1D`` in ``model`` for :class:`Bf16Linear`, in place; returns how many.
 
-    Linear layers inside the modules in ``keep`` (e.g. the first decoder layers, see :func:`decoder_layers`) stay
-    as they are. The rest of the model should be fp32 (activations stay fp32 between the kernels).
+    Linear layers inside the modules in ``keep`` (e.g. the first decoder layers, see :func:`fp32_leading_layers`)
+    keep fp32 weights and exact fp32 math on the kernel's fp32 path. The rest of the model should be fp32
+    (activations stay fp32 between the kernels).
     """
     kept = {id(m) for k in keep for m in k.modules()}
-    return _swap_modules(model, lambda m: (isinstance(m, nn.Linear) or _is_conv1d(m)) and id(m) not in kept,
-                         Bf16Linear.from_module)
+    return _swap_modules(model, lambda m: isinstance(m, nn.Linear) or _is_conv1d(m),
+                         lambda m: Bf16Linear.from_module(m, fp32=id(m) in kept))
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
@@ -326,8 +353,9 @@ def fp32_leading_layers(model: nn.Module, count: int | None = None) -> list[nn.M
     return list(layers[:n])
 
 
-def uses_kernel(model: nn.Module) -> bool:
-    return any(isinstance(m, (Bf16Linear, GatedMLP)) for m in model.modules())
+def uses_kernel(model: nn.Module, bf16: bool = False) -> bool:
+    """Whether ``model`` runs linear layers on the kernel (``bf16=True``: with bf16 weights)."""
+    return any(isinstance(m, (Bf16Linear, GatedMLP)) and not (bf16 and m.fp32) for m in model.modules())
 
 
 class GatedMLP(nn.Module):
@@ -344,6 +372,10 @@ class GatedMLP(nn.Module):
         self.register_buffer("gate_up", gate_up, persistent=False)
         self.down_proj = down
 
+    @property
+    def fp32(self) -> bool:
+        return is_fp32_packed(self.gate_up)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _inference_only(x, "GatedMLP")
         return self.down_proj(bf16_gated(x.float(), self.gate_up, self.intermediate))
@@ -357,14 +389,15 @@ class GatedMLP(nn.Module):
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
         keys = (prefix + "gate_proj.weight", prefix + "up_proj.weight")
         if all(k in state_dict for k in keys):
-            self.gate_up = pack_gated(state_dict[keys[0]], state_dict[keys[1]])
+            self.gate_up = pack_gated(state_dict[keys[0]], state_dict[keys[1]], fp32=self.fp32)
         elif strict:
             missing_keys.extend(k for k in keys if k not in state_dict)
         super()._load_from_state_dict({k: v for k, v in state_dict.items() if k not in keys}, prefix,
                                       local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, intermediate={self.intermediate}, act=silu"
+        return (f"in_features={self.in_features}, intermediate={self.intermediate}, act=silu, "
+                f"weights={'fp32' if self.fp32 else 'bf16'}")
 
 
 def _is_silu(act: Any) -> bool:
@@ -381,11 +414,13 @@ def fuse_gated_mlps(model: nn.Module, probe_rows: int = 5) -> int:
         gate, up, down = (getattr(mod, a, None) for a in ("gate_proj", "up_proj", "down_proj"))
         return (all(isinstance(m, Bf16Linear) and m.bias is None and not m.conv1d for m in (gate, up, down))
                 and _is_silu(getattr(mod, "act_fn", None)) and gate.out_features == up.out_features
+                and gate.fp32 == up.fp32
                 and gate.in_features == up.in_features == down.out_features)
 
     def fused(mod: nn.Module) -> GatedMLP | None:
         gate, up = mod.gate_proj, mod.up_proj
-        new = GatedMLP(pack_gated(gate.weight, up.weight), gate.in_features, gate.out_features, mod.down_proj)
+        new = GatedMLP(pack_gated(gate.weight, up.weight, fp32=gate.fp32), gate.in_features, gate.out_features,
+                       mod.down_proj)
         probe = torch.randn(probe_rows, gate.in_features, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             want, got = mod(probe), new(probe)

@@ -293,15 +293,91 @@ def test_fp32_leading_layers_count_default_and_errors():
 
 
 @needs_kernel
-def test_convert_linears_leaves_kept_layers_alone():
+def test_convert_linears_puts_kept_layers_on_the_fp32_path():
     from tiny import tiny_model
 
-    from l2v.kernels import fp32_leading_layers, fuse_gated_mlps
+    from l2v.kernels import GatedMLP, fp32_leading_layers, fuse_gated_mlps
 
     model = tiny_model("llama").base_model
     kept = fp32_leading_layers(model, 1)
-    assert convert_linears(model, keep=kept) == 7  # layer 1's q, k, v, o, gate, up, down
-    assert fuse_gated_mlps(model) == 1
-    first = [m for m in model.layers[0].modules() if isinstance(m, torch.nn.Linear)]
-    assert len(first) == 7 and all(m.weight.dtype == torch.float32 for m in first)
-    assert not uses_kernel(model.layers[0]) and uses_kernel(model.layers[1])
+    assert convert_linears(model, keep=kept) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    first = [m for m in model.layers[0].modules() if isinstance(m, Bf16Linear)]
+    assert len(first) == 7 and all(m.fp32 and m.weight.dtype == torch.float32 for m in first)
+    assert not any(m.fp32 for m in model.layers[1].modules() if isinstance(m, Bf16Linear))
+    assert fuse_gated_mlps(model) == 2  # both precisions fuse
+    assert isinstance(model.layers[0].mlp, GatedMLP) and model.layers[0].mlp.fp32
+    assert not model.layers[1].mlp.fp32
+    assert uses_kernel(model.layers[0]) and not uses_kernel(model.layers[0], bf16=True)
+    assert uses_kernel(model.layers[1], bf16=True)
+
+
+# ---------------------------------------------------------------- the fp32-weight path
+def reference32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    out = x.double() @ w.double().t()
+    return out + b.double() if b is not None else out
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 8, 1), (7, 10, 5), (13, 33, 70), (100, 577, 129), (37, 96, 200)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fp32_weights_are_exact_fp32(m, k, n, with_bias):
+    """fp32-packed weights: no rounding anywhere, so the result is float64's up to fp32 summation error."""
+    torch.manual_seed(m * 1000 + k + n + 7)
+    lin = torch.nn.Linear(k, n, bias=with_bias)
+    x = torch.randn(m, k)
+    layer = Bf16Linear.from_module(lin, fp32=True)
+    got = layer(x)
+    ref = reference32(x, lin.weight, lin.bias)
+    scale = ref.abs().max().item()
+    assert got.shape == (m, n) and (got.double() - ref).abs().max().item() <= 2e-6 * scale * max(1.0, k / 64)
+    bf16 = Bf16Linear.from_module(lin)(x)  # the bf16 path rounds and is clearly further away
+    assert (bf16.double() - ref).abs().max() > 10 * (got.double() - ref).abs().max()
+    x3 = torch.randn(2, 3, 2 * k)[..., ::2]  # batched, non-contiguous
+    assert torch.allclose(layer(x3), reference32(x3, lin.weight, lin.bias).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_pack_roundtrip_state_dict_and_casting():
+    torch.manual_seed(4)
+    w = torch.randn(70, 33)
+    packed = pack_weight(w, fp32=True)
+    assert packed.dtype == torch.int32 and packed.shape == (2, 33, 64)
+    assert torch.equal(unpack_weight(packed, 70, 33), w)
+    lin = torch.nn.Linear(33, 70)
+    layer = Bf16Linear.from_module(lin, fp32=True)
+    sd = layer.state_dict()
+    assert sd["weight"].dtype == torch.float32 and torch.equal(sd["weight"], lin.weight)
+    other = Bf16Linear.from_module(torch.nn.Linear(33, 70), fp32=True)
+    other.load_state_dict(sd)
+    assert torch.equal(other.packed, layer.packed) and other.fp32
+    before = layer.packed.clone()
+    layer.to(torch.bfloat16)  # int32 bits are not a floating buffer: untouched
+    assert torch.equal(layer.packed, before)
+    assert "weights=fp32" in repr(layer) and "weights=bf16" in repr(Bf16Linear.from_module(lin))
+
+
+@needs_kernel
+def test_fp32_layout_mismatch_is_a_clear_error():
+    layer = Bf16Linear.from_module(torch.nn.Linear(40, 24), fp32=True)
+    with pytest.raises(ValueError, match="does not fit"):
+        bf16_linear(torch.randn(3, 41), layer.packed, None, 24)
+    with pytest.raises(ValueError, match="does not fit"):
+        bf16_linear(torch.randn(3, 40), layer.packed.view(-1), None, 24)
+
+
+@needs_kernel
+@pytest.mark.parametrize("intermediate", [32, 70, 1536])
+def test_fp32_gated_kernel_against_reference(intermediate):
+    from l2v.kernels import bf16_gated
+    from l2v.kernels.linear import pack_gated, unpack_gated
+
+    torch.manual_seed(intermediate + 1)
+    k = 48
+    gate, up = torch.randn(intermediate, k), torch.randn(intermediate, k)
+    packed = pack_gated(gate, up, fp32=True)
+    g2, u2 = unpack_gated(packed, intermediate, k)
+    assert torch.equal(g2, gate) and torch.equal(u2, up)
+    x = torch.randn(11, k) * 3
+    g, u = reference32(x, gate, None), reference32(x, up, None)
+    want = g * torch.sigmoid(g) * u
+    got = bf16_gated(x, packed, intermediate)
+    assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
