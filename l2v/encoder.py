@@ -271,7 +271,7 @@ class Encoder(nn.Module):
         if use_kernel:
             convert_linears(net, keep=fp32_leading_layers(net, fp32_layers))
             fuse_gated_mlps(net)
-            net.float()  # norms, embeddings, biases (the packed weights are int16 and stay)
+            net.float()  # norms, embeddings, biases (the packed weights are int16/int32 bits and stay)
         net.to(dev).eval()
         if bidirectional:
             make_bidirectional(net)
