@@ -52,11 +52,10 @@ static inline __m512 silu512(__m512 g) {
   return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
 }
 
-static inline __attribute__((always_inline)) void kern(const int mr, const int gated, const uint16_t* a, int64_t lda,
-                                                         const uint16_t* b, int64_t K2, float* c, int64_t ldc,
-                                                         const float* bias, int ncols) {
-  __m512 acc[MR][4];
-  __mmask16 m[4];
+/* Shared by both weight formats: per-16-column store masks for a panel of ncols outputs, accumulators started
+   at the bias (or zero), and the epilogue (plain, masked, or gated: silu(gate) * up). */
+static inline __attribute__((always_inline)) void tile_init(const int mr, int ncols, const float* bias,
+                                                            __m512 acc[MR][4], __mmask16 m[4]) {
   for (int j = 0; j < 4; ++j) {
     int left = ncols - 16 * j;
     m[j] = left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1));
@@ -65,6 +64,41 @@ static inline __attribute__((always_inline)) void kern(const int mr, const int g
     __m512 init = bias ? _mm512_maskz_loadu_ps(m[j], bias + 16 * j) : _mm512_setzero_ps();
     for (int r = 0; r < mr; ++r) acc[r][j] = init;
   }
+}
+
+static inline __attribute__((always_inline)) void tile_store(const int mr, const int gated, int ncols,
+                                                             __m512 acc[MR][4], const __mmask16 m[4], float* c,
+                                                             int64_t ldc) {
+  if (gated) { /* panel = 32 gate columns then the same 32 up columns: store silu(gate) * up */
+    for (int r = 0; r < mr; ++r)
+      for (int j = 0; j < 2; ++j)
+        _mm512_mask_storeu_ps(c + r * ldc + 16 * j, m[j], _mm512_mul_ps(silu512(acc[r][j]), acc[r][j + 2]));
+  } else if (ncols >= NR) {
+    for (int r = 0; r < mr; ++r)
+      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
+  } else {
+    for (int r = 0; r < mr; ++r)
+      for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + 16 * j, m[j], acc[r][j]);
+  }
+}
+
+/* mr (1-6) as a compile-time constant for KERN, so each row count gets its own fully unrolled tile. */
+#define L2V_MR_CASES(KERN, G, KLEN)                                    \
+  switch (mr) {                                                        \
+    case 6: KERN(6, G, a, lda, b, KLEN, c, ldc, bias, ncols); break;   \
+    case 5: KERN(5, G, a, lda, b, KLEN, c, ldc, bias, ncols); break;   \
+    case 4: KERN(4, G, a, lda, b, KLEN, c, ldc, bias, ncols); break;   \
+    case 3: KERN(3, G, a, lda, b, KLEN, c, ldc, bias, ncols); break;   \
+    case 2: KERN(2, G, a, lda, b, KLEN, c, ldc, bias, ncols); break;   \
+    default: KERN(1, G, a, lda, b, KLEN, c, ldc, bias, ncols); break;  \
+  }
+
+static inline __attribute__((always_inline)) void kern(const int mr, const int gated, const uint16_t* a, int64_t lda,
+                                                         const uint16_t* b, int64_t K2, float* c, int64_t ldc,
+                                                         const float* bias, int ncols) {
+  __m512 acc[MR][4];
+  __mmask16 m[4];
+  tile_init(mr, ncols, bias, acc, m);
   for (int64_t kk = 0; kk < K2; ++kk) {
     const uint16_t* bp = b + kk * NR * 2;
     __m512bh b0 = (__m512bh)_mm512_loadu_si512((const void*)(bp));
@@ -79,35 +113,15 @@ static inline __attribute__((always_inline)) void kern(const int mr, const int g
       acc[r][3] = _mm512_dpbf16_ps(acc[r][3], av, b3);
     }
   }
-  if (gated) { /* panel = 32 gate columns then the same 32 up columns: store silu(gate) * up */
-    for (int r = 0; r < mr; ++r)
-      for (int j = 0; j < 2; ++j)
-        _mm512_mask_storeu_ps(c + r * ldc + 16 * j, m[j], _mm512_mul_ps(silu512(acc[r][j]), acc[r][j + 2]));
-  } else if (ncols >= NR) {
-    for (int r = 0; r < mr; ++r)
-      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
-  } else {
-    for (int r = 0; r < mr; ++r)
-      for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + 16 * j, m[j], acc[r][j]);
-  }
+  tile_store(mr, gated, ncols, acc, m, c, ldc);
 }
-
-#define L2V_KERN_CASES(G)                                             \
-  switch (mr) {                                                       \
-    case 6: kern(6, G, a, lda, b, K2, c, ldc, bias, ncols); break;    \
-    case 5: kern(5, G, a, lda, b, K2, c, ldc, bias, ncols); break;    \
-    case 4: kern(4, G, a, lda, b, K2, c, ldc, bias, ncols); break;    \
-    case 3: kern(3, G, a, lda, b, K2, c, ldc, bias, ncols); break;    \
-    case 2: kern(2, G, a, lda, b, K2, c, ldc, bias, ncols); break;    \
-    default: kern(1, G, a, lda, b, K2, c, ldc, bias, ncols); break;   \
-  }
 
 static void kern_any(int mr, int gated, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t K2, float* c,
                      int64_t ldc, const float* bias, int ncols) {
   if (gated) {
-    L2V_KERN_CASES(1)
+    L2V_MR_CASES(kern, 1, K2)
   } else {
-    L2V_KERN_CASES(0)
+    L2V_MR_CASES(kern, 0, K2)
   }
 }
 
@@ -165,14 +179,7 @@ static inline __attribute__((always_inline)) void kern32(const int mr, const int
                                                          const float* bias, int ncols) {
   __m512 acc[MR][4];
   __mmask16 m[4];
-  for (int j = 0; j < 4; ++j) {
-    int left = ncols - 16 * j;
-    m[j] = left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1));
-  }
-  for (int j = 0; j < 4; ++j) {
-    __m512 init = bias ? _mm512_maskz_loadu_ps(m[j], bias + 16 * j) : _mm512_setzero_ps();
-    for (int r = 0; r < mr; ++r) acc[r][j] = init;
-  }
+  tile_init(mr, ncols, bias, acc, m);
   for (int64_t k = 0; k < K; ++k) {
     const float* bp = b + k * NR;
     __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
@@ -185,35 +192,15 @@ static inline __attribute__((always_inline)) void kern32(const int mr, const int
       acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
     }
   }
-  if (gated) {
-    for (int r = 0; r < mr; ++r)
-      for (int j = 0; j < 2; ++j)
-        _mm512_mask_storeu_ps(c + r * ldc + 16 * j, m[j], _mm512_mul_ps(silu512(acc[r][j]), acc[r][j + 2]));
-  } else if (ncols >= NR) {
-    for (int r = 0; r < mr; ++r)
-      for (int j = 0; j < 4; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
-  } else {
-    for (int r = 0; r < mr; ++r)
-      for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + 16 * j, m[j], acc[r][j]);
-  }
+  tile_store(mr, gated, ncols, acc, m, c, ldc);
 }
-
-#define L2V_KERN32_CASES(G)                                             \
-  switch (mr) {                                                         \
-    case 6: kern32(6, G, a, lda, b, K, c, ldc, bias, ncols); break;     \
-    case 5: kern32(5, G, a, lda, b, K, c, ldc, bias, ncols); break;     \
-    case 4: kern32(4, G, a, lda, b, K, c, ldc, bias, ncols); break;     \
-    case 3: kern32(3, G, a, lda, b, K, c, ldc, bias, ncols); break;     \
-    case 2: kern32(2, G, a, lda, b, K, c, ldc, bias, ncols); break;     \
-    default: kern32(1, G, a, lda, b, K, c, ldc, bias, ncols); break;    \
-  }
 
 static void kern32_any(int mr, int gated, const float* a, int64_t lda, const float* b, int64_t K, float* c,
                        int64_t ldc, const float* bias, int ncols) {
   if (gated) {
-    L2V_KERN32_CASES(1)
+    L2V_MR_CASES(kern32, 1, K)
   } else {
-    L2V_KERN32_CASES(0)
+    L2V_MR_CASES(kern32, 0, K)
   }
 }
 

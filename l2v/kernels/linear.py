@@ -170,8 +170,8 @@ def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_f
     if m:
         fn = lib.l2v_linear_f32w if fp32 else lib.l2v_linear_f32
         rc = fn(x2.data_ptr(), x2.stride(0), m, k, packed.data_ptr(), cols,
-                                bias.data_ptr() if bias is not None else None, out.data_ptr(), out_features,
-                                ROWS_PER_TASK, torch.get_num_threads(), int(gated))
+                bias.data_ptr() if bias is not None else None, out.data_ptr(), out_features,
+                ROWS_PER_TASK, torch.get_num_threads(), int(gated))
         if rc:
             raise MemoryError("l2v's bf16 CPU kernel could not allocate its scratch buffer.")
     return out.view(*x.shape[:-1], out_features)
