@@ -358,6 +358,7 @@ def test_fp32_layers_everywhere_matches_the_fp32_model(tmp_path):
     every = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", fp32_layers=2)
     full = Encoder.from_pretrained(path, dtype="float32", device="cpu")
     assert every.cpu_kernel and every.fp32_layers == 2 and every.dtype == torch.float32  # the kernel's fp32 path
+    assert every.uses_packing()  # and the packing probe holds it to the exact-fp32 bound (no bf16 weights)
     out, ref = every.encode(TEXTS), full.encode(TEXTS)
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
