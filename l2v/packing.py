@@ -21,7 +21,9 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from .kernels import attention as attention_kernel
 from .kernels import uses_kernel
+from .kernels.rotary import fused_rotary
 
 IMPL = "l2v_varlen"
 _GROUPS: ContextVar[list[tuple[int, int, int]] | None] = ContextVar("l2v_varlen_groups", default=None)
@@ -53,6 +55,10 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one packed row, got batch {query.shape[0]}.")
     causal = bool(kwargs.pop("is_causal", None) or getattr(module, "is_causal", False))  # per text, as padded
+    if _kernel_applies(query, key, value, kwargs):
+        lengths = [length for _, n, length in groups for _ in range(n)]
+        out = attention_kernel.varlen_attention(query, key, value, lengths, kwargs.get("scaling"), causal)
+        return out.unsqueeze(0), None
     outs = []
     for start, n, length in groups:
         span = slice(start, start + n * length)
@@ -61,6 +67,24 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         outs.append(out.reshape(n * length, *out.shape[2:]))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
     return out.unsqueeze(0), None
+
+
+_KERNEL_SAFE_KWARGS = {"dropout", "scaling", "position_ids", "sliding_window", "cache_position", "output_attentions",
+                       "use_cache"}
+
+
+def _kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict) -> bool:
+    """l2v's fp32 CPU attention kernel: inference only (it has no backward), and nothing it would not honour.
+
+    ``sliding_window`` is accepted because the SDPA path below ignores it just the same (packed rows carry no
+    mask); any other extra argument (soft-capping, attention sinks, dropout during training) keeps SDPA.
+    """
+    if any(t.requires_grad for t in (query, key, value)) or torch.compiler.is_compiling():
+        return False
+    if float(kwargs.get("dropout") or 0.0) != 0.0 or any(
+            kwargs.get(name) is not None for name in kwargs if name not in _KERNEL_SAFE_KWARGS):
+        return False
+    return attention_kernel.supports(query, key, value)
 
 
 def _register() -> None:
@@ -85,7 +109,7 @@ def packed_attention(model: nn.Module, lengths: Sequence[int]) -> Iterator[None]
     """Within this block, ``model`` treats its single input row as texts of ``lengths`` packed back to back."""
     _register()
     token = _GROUPS.set(length_groups(lengths))
-    with _SWITCH_LOCK:  # the config switch is model-wide: keep concurrent packed forwards from interleaving
+    with _SWITCH_LOCK, fused_rotary(model):  # the switch is model-wide: concurrent packed forwards wait
         configs = _configs(model)
         previous = [cfg._attn_implementation for cfg in configs]
         try:

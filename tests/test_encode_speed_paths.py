@@ -5,10 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny import ARCHITECTURES, tiny_model, tiny_tokenizer
+from tiny import ARCHITECTURES, tiny_config, tiny_model, tiny_tokenizer
+from transformers import AutoModel
 
 from l2v import Encoder, make_bidirectional
-from l2v.packing import IMPL, check_packing, length_groups, packed_attention, packed_inputs, unpack
+from l2v.kernels import attention as attention_kernel
+from l2v.kernels import kernel_status
+from l2v.kernels import rotary as rotary_kernel
+from l2v.packing import (
+    IMPL,
+    _kernel_applies,
+    check_packing,
+    length_groups,
+    packed_attention,
+    packed_inputs,
+    unpack,
+)
 
 TEXTS = [
     "short one",
@@ -149,3 +161,59 @@ def test_streaming_chunks_match(monkeypatch):
     ref = enc.encode(TEXTS)
     monkeypatch.setattr(encoder_mod, "STREAM_CHUNK", 5)
     np.testing.assert_allclose(enc.encode(TEXTS), ref, atol=2e-5)
+
+
+# ------------------------------------------------------------ l2v's attention and rotary kernels in the packed path
+def _wide(arch: str) -> Encoder:
+    """A tiny model with head_dim 16, the smallest the attention kernel takes (the usual tiny ones have 8)."""
+    cfg = tiny_config(arch)
+    if arch == "gpt2":
+        cfg.n_embd = 64
+    else:
+        cfg.hidden_size = 64
+        if arch == "opt":
+            cfg.word_embed_proj_dim = 64
+        if getattr(cfg, "head_dim", None):
+            cfg.head_dim = 16
+    torch.manual_seed(0)
+    net = AutoModel.from_config(cfg, attn_implementation="sdpa").eval()
+    make_bidirectional(net)
+    enc = Encoder(net, tiny_tokenizer("right"), pooling="mean")
+    enc.packing = True
+    return enc
+
+
+@pytest.mark.skipif(not kernel_status()[0], reason="CPU kernels unavailable")
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packed_kernels_equal_one_at_a_time(arch, monkeypatch):
+    """Packed encodes run l2v's attention kernel (and the rotary one where the model uses rotate-half rotary);
+    the vectors still equal the padded one-text-at-a-time path."""
+    enc = _wide(arch)
+    calls = {"attention": 0, "rotary": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(attention_kernel, "varlen_attention", counted("attention", attention_kernel.varlen_attention))
+    monkeypatch.setattr(rotary_kernel, "rotary", counted("rotary", rotary_kernel.rotary))
+    got = enc.encode(TEXTS, batch_size=64)
+    np.testing.assert_allclose(got, reference(enc), atol=2e-5, err_msg=arch)
+    assert calls["attention"] >= 2, arch  # one call per layer per packed batch
+    rotate_half = arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+    assert (calls["rotary"] > 0) == rotate_half, (arch, calls)
+
+
+@pytest.mark.skipif(not kernel_status()[0], reason="CPU kernels unavailable")
+def test_attention_kernel_only_where_it_is_exact(monkeypatch):
+    """Training (grad), dropout and arguments the kernel would ignore (soft-capping) keep torch's SDPA."""
+    q, k, v = torch.randn(1, 4, 10, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+    assert _kernel_applies(q, k, v, {"dropout": 0.0, "scaling": 0.25, "use_cache": False, "position_ids": None})
+    assert not _kernel_applies(q.requires_grad_(), k, v, {})
+    q = q.detach()
+    assert not _kernel_applies(q, k, v, {"dropout": 0.1})
+    assert not _kernel_applies(q, k, v, {"softcap": 50.0})
+    assert _kernel_applies(q, k, v, {"softcap": None})
+    assert not _kernel_applies(q.double(), k.double(), v.double(), {})

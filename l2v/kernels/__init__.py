@@ -1,5 +1,6 @@
 """Native CPU kernels l2v builds itself (see :mod:`l2v.kernels.linear`)."""
 
+from .build import kernel_status
 from .linear import (
     Bf16Linear,
     GatedMLP,
@@ -9,7 +10,6 @@ from .linear import (
     decoder_layers,
     fp32_leading_layers,
     fuse_gated_mlps,
-    kernel_status,
     uses_kernel,
 )
 

@@ -5,107 +5,23 @@ default model run bidirectionally that moves a few embeddings in a hundred below
 only the matmul *inputs* (bf16 x bf16 products summed in fp32, fp32 out) makes the typical error 5-30x smaller,
 and keeping the first 40% of the decoder layers entirely in fp32 (:func:`fp32_leading_layers`; the same C file's
 fp32-weight path, faster here than torch's fp32 matmul) removes the tail (benchmarks/RESULTS.md, "fp32 leading
-layers"). torch 2.13 has no bf16 CPU matmul with fp32 outputs, so l2v builds one: a small C file compiled once
-with the system C compiler into the l2v cache directory. It is as fast as torch's bf16 matmul here and keeps
-weights at 2 bytes each. Without a compiler or AVX512-BF16, :func:`kernel_status` says why and callers keep
-torch's own bf16 path.
+layers"). torch 2.13 has no bf16 CPU matmul with fp32 outputs, so l2v builds one (:mod:`l2v.kernels.build`).
+It is as fast as torch's bf16 matmul here and keeps weights at 2 bytes each. Without a compiler or AVX512-BF16,
+:func:`kernel_status` says why and callers keep torch's own bf16 path.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import math
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .build import _state, load
+
 BLOCK_N = 64  # output columns per packed panel (gemm_bf16.c: NR)
-_SOURCE = Path(__file__).with_name("gemm_bf16.c")
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared"]
-_lock = threading.Lock()
-_state: dict[str, Any] = {"lib": None, "error": None, "tried": False}
-
-
-def cpu_has_avx512_bf16() -> bool:
-    """The kernel's instruction set (vdpbf16ps); AMX CPUs have it too."""
-    if sys.platform != "linux":
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            return "avx512_bf16" in fh.read()
-    except OSError:
-        return False
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _build(cc: str) -> Path:
-    """Compile ``gemm_bf16.c`` into the cache once per source/flags/compiler (atomic rename: safe in parallel)."""
-    from ..checkpoints import cache_dir
-
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"gemm_bf16-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"l2v: building the bf16 CPU kernel once ({cc}, a few seconds) -> {target}", file=sys.stderr)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _load() -> ctypes.CDLL | None:
-    with _lock:
-        if _state["tried"]:
-            return _state["lib"]
-        _state["tried"] = True
-        if os.environ.get("L2V_CPU_KERNEL", "1").lower() in ("0", "false", "no", "off"):
-            _state["error"] = "switched off by L2V_CPU_KERNEL=0"
-        elif not cpu_has_avx512_bf16():
-            _state["error"] = "this CPU has no AVX512-BF16"
-        elif (cc := _compiler()) is None:
-            _state["error"] = "no C compiler found (install gcc, or set CC)"
-        else:
-            try:
-                # torch is imported first, so the kernel's libgomp.so.1 resolves to torch's own OpenMP runtime.
-                lib = ctypes.CDLL(str(_build(cc)))
-                p, i64 = ctypes.c_void_p, ctypes.c_int64
-                for fn in (lib.l2v_linear_f32, lib.l2v_linear_f32w):
-                    fn.restype = ctypes.c_int
-                    fn.argtypes = [p, i64, i64, i64, p, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
-                _state["lib"] = lib
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                _state["error"] = f"building the kernel failed: {exc}"
-        return _state["lib"]
-
-
-def kernel_status() -> tuple[bool, str]:
-    """``(available, reason)``; builds the kernel on first call when the CPU and a compiler allow it."""
-    lib = _load()
-    return lib is not None, ("ok" if lib is not None else str(_state["error"]))
 
 
 # ------------------------------------------------------------------------------------------- weight layout
@@ -145,7 +61,7 @@ ROWS_PER_TASK = 96  # rows converted to bf16 per task; 48-768 measured in situ, 
 
 
 def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, gated: bool) -> torch.Tensor:
-    lib = _load()
+    lib = load()
     if lib is None:
         raise RuntimeError(f"l2v's bf16 CPU kernel is unavailable: {_state['error']}")
     k = x.shape[-1]

@@ -1,0 +1,106 @@
+"""Building and loading l2v's C kernels (``gemm_bf16.c``, ``attention.c``, ``rotary.c``) as one shared library.
+
+Why a build step at all: torch 2.13 has no bf16 CPU matmul with fp32 outputs and no attention suited to hundreds
+of short packed texts, so l2v compiles a few small C files once, with the system C compiler, into the l2v cache
+directory (keyed by a hash of sources, flags and compiler). Without a compiler or AVX512-BF16,
+:func:`kernel_status` says why and callers keep torch's own paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+_SOURCES = [Path(__file__).with_name(name) for name in ("gemm_bf16.c", "attention.c", "rotary.c")]
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared",
+          "-ffp-contract=off"]  # products rounded before sums, exactly as torch's separate ops (rotary.c)
+_lock = threading.Lock()
+_state: dict[str, Any] = {"lib": None, "error": None, "tried": False}
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """The kernels' instruction set (vdpbf16ps; the attention needs only AVX-512F); AMX CPUs have it too."""
+    if sys.platform != "linux":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return "avx512_bf16" in fh.read()
+    except OSError:
+        return False
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(cc: str) -> Path:
+    """Compile the C sources into the cache once per sources/flags/compiler (atomic rename: safe in parallel)."""
+    from ..checkpoints import cache_dir
+
+    blob = b"".join(src.read_bytes() for src in _SOURCES) + " ".join([cc, *_FLAGS]).encode()
+    target = cache_dir() / "kernels" / f"l2v_kernels-{hashlib.sha256(blob).hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"l2v: building its CPU kernels once ({cc}, a few seconds) -> {target}", file=sys.stderr)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load() -> ctypes.CDLL | None:
+    """The loaded library, or None (then :func:`kernel_status` says why); built on first use."""
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"]
+        _state["tried"] = True
+        if os.environ.get("L2V_CPU_KERNEL", "1").lower() in ("0", "false", "no", "off"):
+            _state["error"] = "switched off by L2V_CPU_KERNEL=0"
+        elif not cpu_has_avx512_bf16():
+            _state["error"] = "this CPU has no AVX512-BF16"
+        elif (cc := _compiler()) is None:
+            _state["error"] = "no C compiler found (install gcc, or set CC)"
+        else:
+            try:
+                # torch is imported first, so the kernel's libgomp.so.1 resolves to torch's own OpenMP runtime.
+                lib = ctypes.CDLL(str(_build(cc)))
+                p, i64 = ctypes.c_void_p, ctypes.c_int64
+                for fn in (lib.l2v_linear_f32, lib.l2v_linear_f32w):
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [p, i64, i64, i64, p, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
+                att = lib.l2v_varlen_attention
+                att.restype = ctypes.c_int
+                att.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, i64, p, p, i64, ctypes.c_float,
+                                ctypes.c_int, ctypes.c_int]
+                rot = lib.l2v_rotary
+                rot.restype = None
+                rot.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, p, p, i64, p, ctypes.c_int]
+                _state["lib"] = lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _state["error"] = f"building the kernel failed: {exc}"
+        return _state["lib"]
+
+
+def kernel_status() -> tuple[bool, str]:
+    """``(available, reason)``; builds the kernel on first call when the CPU and a compiler allow it."""
+    lib = load()
+    return lib is not None, ("ok" if lib is not None else str(_state["error"]))
