@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from l2v import Encoder  # noqa: E402
 from l2v.data.offline import gensim_file  # noqa: E402
+from l2v.packing import attention_kernels  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -150,6 +151,11 @@ def stream_memory(args) -> None:
           f"peak {peak_rss_mb():.0f} MB (output array {out.nbytes / 2**20:.0f} MB)")
 
 
+def _torch_attention(fn, *args, **kwargs):
+    with attention_kernels(False):
+        return fn(*args, **kwargs)
+
+
 def _fp32_math(variant: str) -> bool:
     """Whether a row's matmuls run in fp32 ("l2v fp32", "naive fp32", int8 with fp32 activations)."""
     return variant.endswith(" fp32") or "int8" in variant
@@ -233,6 +239,8 @@ def main() -> None:
         adj["l2v fp32"], outs["l2v fp32"] = flops / best["l2v fp32"] / 1e9 / probe, ref
         runs = {l2v16: lambda t=texts: enc16.encode(t, **kw),
                 "naive bf16": lambda t=texts: naive_encode(enc16t.model, naive_tok, t)}
+        if enc16.cpu_kernel:  # the same default without l2v's attention and rotary kernels (torch SDPA)
+            runs["default, torch attn"] = lambda t=texts: _torch_attention(enc16.encode, t, **kw)
         if enc16f is not None:
             runs["kernel fp32_layers=0"] = lambda t=texts: enc16f.encode(t, **kw)
             runs["l2v bf16 torch"] = lambda t=texts: enc16t.encode(t, **kw)
@@ -289,7 +297,8 @@ def main() -> None:
     if enc16.cpu_kernel:
         print(f"bf16 kernel: bf16 weights, fp32 activations and sums (l2v.kernels, the CPU default), the first "
               f"{enc16.fp32_layers} decoder layers in fp32; kernel fp32_layers=0: every layer on the kernel; "
-              "bf16 torch: every activation rounded to bf16 (cpu_kernel=False).")
+              "bf16 torch: every activation rounded to bf16 (cpu_kernel=False); default, torch attn: the default "
+              "with transformers' rotary and torch's SDPA instead of l2v's attention and rotary kernels.")
     print("%bf16pk: model FLOP/s / bf16 peak measured at start; %ownpk: / the peak of the variant's own dtype;\n"
           "%adjpk: / the same dtype's 4096x576x1536 matmul rate measured just before that run (robust to load).")
     if args.json:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 
 import torch
@@ -69,6 +69,23 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return out.unsqueeze(0), None
 
 
+_KERNELS: ContextVar[bool] = ContextVar("l2v_varlen_kernels", default=True)
+
+
+@contextmanager
+def attention_kernels(enabled: bool) -> Iterator[None]:
+    """Switch l2v's attention and rotary kernels on or off for packed forwards in this block (default: on).
+
+    Off runs transformers' own rotary and torch's SDPA per length group, as before the kernels existed: for
+    A/B measurements (``benchmarks/encode_speed.py``) and for ruling the kernels out when debugging.
+    """
+    token = _KERNELS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _KERNELS.reset(token)
+
+
 _KERNEL_SAFE_KWARGS = {"dropout", "scaling", "position_ids", "sliding_window", "cache_position", "output_attentions",
                        "use_cache"}
 
@@ -79,7 +96,7 @@ def _kernel_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     ``sliding_window`` is accepted because the SDPA path below ignores it just the same (packed rows carry no
     mask); any other extra argument (soft-capping, attention sinks, dropout during training) keeps SDPA.
     """
-    if any(t.requires_grad for t in (query, key, value)) or torch.compiler.is_compiling():
+    if not _KERNELS.get() or any(t.requires_grad for t in (query, key, value)) or torch.compiler.is_compiling():
         return False
     if float(kwargs.get("dropout") or 0.0) != 0.0 or any(
             kwargs.get(name) is not None for name in kwargs if name not in _KERNEL_SAFE_KWARGS):
@@ -109,7 +126,8 @@ def packed_attention(model: nn.Module, lengths: Sequence[int]) -> Iterator[None]
     """Within this block, ``model`` treats its single input row as texts of ``lengths`` packed back to back."""
     _register()
     token = _GROUPS.set(length_groups(lengths))
-    with _SWITCH_LOCK, fused_rotary(model):  # the switch is model-wide: concurrent packed forwards wait
+    rotary = fused_rotary(model) if _KERNELS.get() else nullcontext()
+    with _SWITCH_LOCK, rotary:  # the switch is model-wide: concurrent packed forwards wait
         configs = _configs(model)
         previous = [cfg._attn_implementation for cfg in configs]
         try:

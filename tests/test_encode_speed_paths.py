@@ -15,6 +15,7 @@ from l2v.kernels import rotary as rotary_kernel
 from l2v.packing import (
     IMPL,
     _kernel_applies,
+    attention_kernels,
     check_packing,
     length_groups,
     packed_attention,
@@ -204,6 +205,11 @@ def test_packed_kernels_equal_one_at_a_time(arch, monkeypatch):
     assert calls["attention"] >= 2, arch  # one call per layer per packed batch
     rotate_half = arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
     assert (calls["rotary"] > 0) == rotate_half, (arch, calls)
+    before = dict(calls)
+    with attention_kernels(False):  # the A/B switch: torch's SDPA and transformers' rotary, same vectors
+        off = enc.encode(TEXTS, batch_size=64)
+    assert calls == before
+    np.testing.assert_allclose(off, got, atol=2e-5, err_msg=arch)
 
 
 @pytest.mark.skipif(not kernel_status()[0], reason="CPU kernels unavailable")
