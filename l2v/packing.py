@@ -2,8 +2,10 @@
 
 A packed batch is one row of ``T`` tokens (the texts back to back) with per-text position ids. Every linear
 layer then multiplies exactly ``T`` real rows (no padding FLOPs, one large matmul), and attention runs per text:
-texts of equal length are contiguous (the encoder packs them sorted by length), so each run of ``n`` texts of
-length ``L`` is a free ``(n, heads, L, head_dim)`` view handed to transformers' own SDPA attention without a mask.
+in fp32 on CPU, l2v's attention kernel (:mod:`l2v.kernels.attention`) takes the whole row with the texts' lengths
+(and l2v's one-pass rotary replaces transformers' where a probe shows them identical); otherwise texts of equal
+length are contiguous (the encoder packs them sorted by length), so each run of ``n`` texts of length ``L`` is a
+free ``(n, heads, L, head_dim)`` view handed to transformers' own SDPA attention without a mask.
 
 The mechanism is generic: it registers one attention function in transformers' ``AttentionInterface`` and
 switches ``config._attn_implementation`` to it only for the duration of a packed forward. Models that do not
