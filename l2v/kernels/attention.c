@@ -14,23 +14,9 @@
 #include <stdlib.h>
 #include <omp.h>
 
-#define RB 4 /* query rows per block */
+#include "simd_exp.h"
 
-static inline __m512 exp512_attn(__m512 x) { /* as in gemm_bf16.c: Cephes polynomial, ~1 ulp, exp(-inf) = 0 */
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-104.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+#define RB 4 /* query rows per block */
 
 /* S[r, j0 .. j0 + 16 NV) = scale * q_r . K[j] for the RB rows, from the transposed panel kt[D][ldk]. */
 static inline __attribute__((always_inline)) void scores_nv(const int NV, const float* const* qr, const float* kt,
@@ -76,9 +62,9 @@ static inline __attribute__((always_inline)) void pv_nv(const int NV, int nr, co
 /* One (text, kv head): rows are (query head, position) pairs, RB positions of one head at a time. */
 static void attend_one(const float* q, int64_t qst, int64_t qsh, const float* k, int64_t kst, int64_t ksh,
                        const float* v, int64_t vst, int64_t vsh, float* out, int64_t H, int64_t D, int64_t t0, int64_t L, int64_t kvh,
-                       int64_t groups, float scale, int causal, float* kt, int64_t ldk, float* S) {
+                       int64_t groups, float scale, int causal, float* kt, float* S) {
   const float* kbase = k + t0 * kst + kvh * ksh;
-  ldk = (L + 15) / 16 * 16; /* this text's panel width: keys padded with zeros to whole vectors */
+  const int64_t ldk = (L + 15) / 16 * 16; /* this text's panel width: keys padded with zeros to whole vectors */
   for (int64_t j = 0; j < L; ++j)
     for (int64_t c = 0; c < D; ++c) kt[c * ldk + j] = kbase[j * kst + c];
   for (int64_t c = 0; c < D; ++c)
@@ -117,13 +103,13 @@ static void attend_one(const float* q, int64_t qst, int64_t qsh, const float* k,
         vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
         j = 0;
         for (; j + 16 <= valid; j += 16) {
-          __m512 e = exp512_attn(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx));
+          __m512 e = l2v_exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmx));
           _mm512_storeu_ps(s + j, e);
           vsum = _mm512_add_ps(vsum, e);
         }
         if (j < valid) {
           __mmask16 m = (__mmask16)((1u << (valid - j)) - 1);
-          __m512 e = exp512_attn(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vmx));
+          __m512 e = l2v_exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vmx));
           e = _mm512_maskz_mov_ps(m, e);
           _mm512_mask_storeu_ps(s + j, m, e);
           vsum = _mm512_add_ps(vsum, e);
@@ -153,13 +139,13 @@ int l2v_varlen_attention(const float* q, int64_t qst, int64_t qsh, const float* 
   if (D % 16 || D <= 0 || KV <= 0 || H % KV) return 2;
   int64_t maxlen = 0;
   for (int64_t i = 0; i < n_texts; ++i) maxlen = lens[i] > maxlen ? lens[i] : maxlen;
-  int64_t ldk = (maxlen + 63) / 64 * 64 + 16; /* +16: rows of the panel do not alias cache sets */
+  int64_t cap = (maxlen + 63) / 64 * 64 + 16; /* scratch per panel row, >= any text's padded length */
   int64_t ntask = n_texts * KV, groups = H / KV;
   int err = 0;
 #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
   {
-    float* kt = (float*)aligned_alloc(64, (size_t)(D * ldk) * sizeof(float));
-    float* S = (float*)aligned_alloc(64, (size_t)(RB * ldk) * sizeof(float));
+    float* kt = (float*)aligned_alloc(64, (size_t)(D * cap) * sizeof(float));
+    float* S = (float*)aligned_alloc(64, (size_t)(RB * cap) * sizeof(float));
     if (!kt || !S) {
 #pragma omp atomic write
       err = 1;
@@ -169,8 +155,8 @@ int l2v_varlen_attention(const float* q, int64_t qst, int64_t qsh, const float* 
       if (!kt || !S) continue;
       int64_t i = t / KV, kvh = t % KV;
       if (lens[i] > 0)
-        attend_one(q, qst, qsh, k, kst, ksh, v, vst, vsh, out, H, D, starts[i], lens[i], kvh, groups, scale, causal, kt, ldk,
-                   S);
+        attend_one(q, qst, qsh, k, kst, ksh, v, vst, vsh, out, H, D, starts[i], lens[i], kvh, groups, scale, causal,
+                   kt, S);
     }
     free(kt);
     free(S);

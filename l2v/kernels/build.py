@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("gemm_bf16.c", "attention.c", "rotary.c")]
+_HEADERS = [Path(__file__).with_name("simd_exp.h")]  # included by the sources: part of the build key
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared",
           "-ffp-contract=off"]  # products rounded before sums, exactly as torch's separate ops (rotary.c)
 _lock = threading.Lock()
@@ -48,7 +49,7 @@ def _build(cc: str) -> Path:
     """Compile the C sources into the cache once per sources/flags/compiler (atomic rename: safe in parallel)."""
     from ..checkpoints import cache_dir
 
-    blob = b"".join(src.read_bytes() for src in _SOURCES) + " ".join([cc, *_FLAGS]).encode()
+    blob = b"".join(src.read_bytes() for src in (*_SOURCES, *_HEADERS)) + " ".join([cc, *_FLAGS]).encode()
     target = cache_dir() / "kernels" / f"l2v_kernels-{hashlib.sha256(blob).hexdigest()[:16]}.so"
     if target.is_file():
         return target

@@ -13,6 +13,8 @@
 #include <string.h>
 #include <omp.h>
 
+#include "simd_exp.h"
+
 #define NR 64
 #define MR 6
 
@@ -31,25 +33,8 @@ static inline void cvt_row(const float* src, uint16_t* dst, int64_t K, int64_t K
   if (K2 * 2 > K) dst[K] = 0;
 }
 
-/* exp for the SiLU epilogue: range reduction by ln 2, Cephes' degree-6 polynomial, scalef; ~1 ulp. */
-static inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 static inline __m512 silu512(__m512 g) {
-  return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), l2v_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
 }
 
 /* Shared by both weight formats: per-16-column store masks for a panel of ncols outputs, accumulators started
