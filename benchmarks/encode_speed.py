@@ -239,9 +239,9 @@ def main() -> None:
         adj["l2v fp32"], outs["l2v fp32"] = flops / best["l2v fp32"] / 1e9 / probe, ref
         runs = {l2v16: lambda t=texts: enc16.encode(t, **kw),
                 "naive bf16": lambda t=texts: naive_encode(enc16t.model, naive_tok, t)}
-        if enc16.cpu_kernel:  # the same default without l2v's attention and rotary kernels (torch SDPA)
+        if enc16f is not None:  # the default is l2v's kernel
+            # the same default without l2v's attention and rotary kernels (torch SDPA)
             runs["default, torch attn"] = lambda t=texts: _torch_attention(enc16.encode, t, **kw)
-        if enc16f is not None:
             runs["kernel fp32_layers=0"] = lambda t=texts: enc16f.encode(t, **kw)
             runs["l2v bf16 torch"] = lambda t=texts: enc16t.encode(t, **kw)
         for name, enc in compiled.items():
