@@ -10,8 +10,9 @@ from .linear import (
     decoder_layers,
     fp32_leading_layers,
     fuse_gated_mlps,
+    gated_mlp,
     uses_kernel,
 )
 
 __all__ = ["Bf16Linear", "GatedMLP", "bf16_gated", "bf16_linear", "convert_linears", "decoder_layers",
-           "fp32_leading_layers", "fuse_gated_mlps", "kernel_status", "uses_kernel"]
+           "fp32_leading_layers", "fuse_gated_mlps", "gated_mlp", "kernel_status", "uses_kernel"]

@@ -88,6 +88,8 @@ def load() -> ctypes.CDLL | None:
                 for fn in (lib.l2v_linear_f32, lib.l2v_linear_f32w):
                     fn.restype = ctypes.c_int
                     fn.argtypes = [p, i64, i64, i64, p, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
+                lib.l2v_mlp.restype = ctypes.c_int
+                lib.l2v_mlp.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
                 att = lib.l2v_varlen_attention
                 att.restype = ctypes.c_int
                 att.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, i64, p, p, i64, ctypes.c_float,

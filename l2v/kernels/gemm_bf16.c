@@ -54,7 +54,15 @@ static inline __attribute__((always_inline)) void tile_init(const int mr, int nc
 static inline __attribute__((always_inline)) void tile_store(const int mr, const int gated, int ncols,
                                                              __m512 acc[MR][4], const __mmask16 m[4], float* c,
                                                              int64_t ldc) {
-  if (gated) { /* panel = 32 gate columns then the same 32 up columns: store silu(gate) * up */
+  if (gated == 2) { /* as below, rounded to bf16 (RNE, as cvt_row) for the next matmul: c holds uint16_t */
+    uint16_t* h = (uint16_t*)c;
+    __mmask32 m2 = (__mmask32)m[0] | ((__mmask32)m[1] << 16);
+    for (int r = 0; r < mr; ++r) {
+      __m512bh v = _mm512_cvtne2ps_pbh(_mm512_mul_ps(silu512(acc[r][1]), acc[r][3]),
+                                       _mm512_mul_ps(silu512(acc[r][0]), acc[r][2]));
+      _mm512_mask_storeu_epi16((void*)(h + r * ldc), m2, (__m512i)v);
+    }
+  } else if (gated) { /* panel = 32 gate columns then the same 32 up columns: store silu(gate) * up */
     for (int r = 0; r < mr; ++r)
       for (int j = 0; j < 2; ++j)
         _mm512_mask_storeu_ps(c + r * ldc + 16 * j, m[j], _mm512_mul_ps(silu512(acc[r][j]), acc[r][j + 2]));
@@ -103,7 +111,9 @@ static inline __attribute__((always_inline)) void kern(const int mr, const int g
 
 static void kern_any(int mr, int gated, const uint16_t* a, int64_t lda, const uint16_t* b, int64_t K2, float* c,
                      int64_t ldc, const float* bias, int ncols) {
-  if (gated) {
+  if (gated == 2) {
+    L2V_MR_CASES(kern, 2, K2)
+  } else if (gated) {
     L2V_MR_CASES(kern, 1, K2)
   } else {
     L2V_MR_CASES(kern, 0, K2)
@@ -214,5 +224,70 @@ int l2v_linear_f32w(const float* A, int64_t lda, int64_t M, int64_t K, const flo
       }
     }
   }
+  return 0;
+}
+
+/* ---------------------------------------------------------------- the whole gated MLP in one call
+   C[M, N] = (silu(A Wg^T) * (A Wu^T)) Wd^T + bias, block of MB rows by block of MB rows: the intermediate
+   (MB x I) lives in a scratch buffer that stays in L2 instead of an M x I fp32 tensor (25 MB for 4096 rows of
+   the default model) written to fresh pages and read back. Results are bit-identical to l2v_linear_f32(w)
+   (gated) followed by l2v_linear_f32(w) on the intermediate: the same tiles, the same bf16 rounding (RNE) of
+   the intermediate (bf16 path), the same sequential fp32 sum per output.
+   Both threads work on each row block: conversion split by rows, gate/up by panels, down by (panel, 6-row
+   tile) units, with a barrier between the phases. fp32: weights packed fp32 (layers kept in fp32).
+   Bgu: gated packing (N = 2 I), Bd: packed [Nout/64][I(/2)]..., I: intermediate size. Returns 0, or 1 when a
+   scratch buffer could not be allocated. */
+int l2v_mlp(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bgu, int64_t I, const void* Bd,
+            int64_t N, const float* bias, float* C, int64_t ldc, int64_t MB, int nthreads, int fp32) {
+  if (MB <= 0) MB = 96;
+  if (M <= 0) return 0;
+  if (MB > M) MB = M;
+  int64_t K2 = (K + 1) / 2, Kp = 2 * K2, I2 = (I + 1) / 2, Ip = 2 * I2;
+  int64_t NBg = (2 * I + NR - 1) / NR, NBd = (N + NR - 1) / NR, WN = NR / 2;
+  /* bf16: A rows as bf16 (MB x Kp) and the intermediate as bf16 (MB x Ip); fp32: the intermediate (MB x I) */
+  size_t abytes = fp32 ? 0 : (size_t)(MB * Kp * 2 + 63) / 64 * 64;
+  size_t hbytes = fp32 ? (size_t)(MB * I * 4 + 63) / 64 * 64 : (size_t)(MB * Ip * 2 + 63) / 64 * 64;
+  char* scratch = (char*)aligned_alloc(64, abytes + hbytes);
+  if (!scratch) return 1;
+  uint16_t* abuf = (uint16_t*)scratch;
+  void* hbuf = scratch + abytes;
+  if (!fp32 && Ip > I) memset(hbuf, 0, hbytes); /* the odd-I pad column is read (times a zero weight) */
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
+  {
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      int64_t mlen = M - m0 < MB ? M - m0 : MB, tiles = (mlen + MR - 1) / MR;
+      if (!fp32) {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < mlen; ++r) cvt_row(A + (m0 + r) * lda, abuf + r * Kp, K, K2);
+      }
+#pragma omp for schedule(static)
+      for (int64_t nb = 0; nb < NBg; ++nb) {
+        int ncols = (int)(I - nb * WN < WN ? I - nb * WN : WN);
+        for (int64_t r = 0; r < mlen; r += MR) {
+          int mr = (int)(mlen - r < MR ? mlen - r : MR);
+          if (fp32)
+            kern32_any(mr, 1, A + (m0 + r) * lda, lda, (const float*)Bgu + nb * K * NR, K,
+                       (float*)hbuf + r * I + nb * WN, I, NULL, ncols);
+          else
+            kern_any(mr, 2, abuf + r * Kp, Kp, (const uint16_t*)Bgu + nb * K2 * NR * 2, K2,
+                     (float*)((uint16_t*)hbuf + r * Ip + nb * WN), Ip, NULL, ncols);
+        }
+      }
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < NBd * tiles; ++u) {
+        int64_t nb = u / tiles, r = (u % tiles) * MR;
+        int mr = (int)(mlen - r < MR ? mlen - r : MR);
+        int ncols = (int)(N - nb * NR < NR ? N - nb * NR : NR);
+        const float* bb = bias ? bias + nb * NR : NULL;
+        float* c = C + (m0 + r) * ldc + nb * NR;
+        if (fp32)
+          kern32_any(mr, 0, (const float*)hbuf + r * I, I, (const float*)Bd + nb * I * NR, I, c, ldc, bb, ncols);
+        else
+          kern_any(mr, 0, (const uint16_t*)hbuf + r * Ip, Ip, (const uint16_t*)Bd + nb * I2 * NR * 2, I2, c, ldc,
+                   bb, ncols);
+      }
+    }
+  }
+  free(scratch);
   return 0;
 }

@@ -359,3 +359,106 @@ def test_fp32_gated_kernel_against_reference(intermediate):
     want = g * torch.sigmoid(g) * u
     got = bf16_gated(x, packed, intermediate)
     assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
+
+
+# ---------------------------------------------------------------- the whole gated MLP in one call
+def _two_calls(x, gate_up, down, bias, intermediate, n):
+    from l2v.kernels import bf16_gated
+
+    return bf16_linear(bf16_gated(x, gate_up, intermediate), down, bias, n)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fp32", [False, True])
+@pytest.mark.parametrize("m,k,i,n,with_bias", [(1, 48, 64, 48, False), (200, 64, 100, 48, True),
+                                               (13, 33, 37, 70, True), (97, 16, 31, 130, False)])
+def test_whole_mlp_is_bit_identical_to_gated_then_down(fp32, m, k, i, n, with_bias):
+    """Rows spanning several 96-row blocks, odd K and intermediate (bf16 pad column), partial panels, bias."""
+    from l2v.kernels import gated_mlp
+    from l2v.kernels.linear import pack_gated
+
+    torch.manual_seed(m + k + i)
+    gate_up = pack_gated(torch.randn(i, k) / k**0.5, torch.randn(i, k) / k**0.5, fp32=fp32)
+    down = pack_weight(torch.randn(n, i) / i**0.5, fp32=fp32)
+    bias = torch.randn(n) if with_bias else None
+    x = torch.randn(m, k) * 2
+    want = _two_calls(x, gate_up, down, bias, i, n)
+    got = gated_mlp(x, gate_up, down, bias, i, n)
+    assert got.shape == (m, n)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    # 3-D and strided inputs, no rows, thread count: the same rows give the same bits
+    x3 = torch.randn(2, 5, 2 * k)[..., ::2]
+    np.testing.assert_array_equal(gated_mlp(x3, gate_up, down, bias, i, n).numpy(),
+                                  _two_calls(x3.contiguous(), gate_up, down, bias, i, n).numpy())
+    assert gated_mlp(torch.randn(0, k), gate_up, down, bias, i, n).shape == (0, n)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gated_mlp(x, gate_up, down, bias, i, n)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(one.numpy(), got.numpy())
+
+
+@needs_kernel
+def test_gated_mlp_module_runs_the_whole_mlp_in_one_call(monkeypatch):
+    from l2v.kernels import fuse_gated_mlps
+    from l2v.kernels import linear as lin
+
+    for model, fp32 in ((_converted_mlp("llama"), False), (_fp32_first_layer(), True)):
+        x = torch.randn(2, 9, model.layers[0].mlp.gate_proj.in_features)
+        with torch.no_grad():
+            want = model.layers[0].mlp(x)
+            fuse_gated_mlps(model)
+            calls = []
+            monkeypatch.setattr(lin, "_mlp", lambda *a, _f=lin._mlp, _c=calls: _c.append(1) or _f(*a))
+            got = model.layers[0].mlp(x)
+            monkeypatch.undo()
+        assert len(calls) == 1 and model.layers[0].mlp.fp32 == fp32
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def _fp32_first_layer():
+    from tiny import tiny_model
+
+    from l2v.kernels import fp32_leading_layers
+
+    model = tiny_model("llama").model
+    convert_linears(model, keep=fp32_leading_layers(model, 1))
+    return model
+
+
+@needs_kernel
+def test_gated_mlp_with_mixed_precisions_keeps_two_calls(monkeypatch):
+    """A down projection of the other precision (not made by l2v itself, but loadable) still works, unfused."""
+    from l2v.kernels import GatedMLP
+    from l2v.kernels import linear as lin
+
+    gate, up, down = torch.randn(40, 16), torch.randn(40, 16), torch.nn.Linear(40, 16, bias=False)
+    mlp = GatedMLP(lin.pack_gated(gate, up), 16, 40, Bf16Linear.from_module(down, fp32=True))
+    calls = []
+    monkeypatch.setattr(lin, "_mlp", lambda *a: calls.append(1))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        got = mlp(x)
+    assert not calls
+    g, u = reference(x, gate, None), reference(x, up, None)
+    want = (g * torch.sigmoid(g) * u) @ down.weight.double().t()
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@needs_kernel
+def test_gated_mlp_bad_input_is_a_clear_error_and_it_compiles():
+    from l2v.kernels import gated_mlp
+    from l2v.kernels.linear import pack_gated
+
+    gate_up, down = pack_gated(torch.randn(40, 32), torch.randn(40, 32)), pack_weight(torch.randn(24, 40))
+    with pytest.raises(ValueError, match="gated_mlp: packed weights"):
+        gated_mlp(torch.randn(3, 30), gate_up, down, None, 40, 24)
+    with pytest.raises(ValueError, match="gated_mlp: packed weights"):
+        gated_mlp(torch.randn(3, 32), gate_up, pack_weight(torch.randn(24, 40), fp32=True), None, 40, 24)
+    with pytest.raises(ValueError, match="gated_mlp: packed weights"):
+        gated_mlp(torch.randn(3, 32), gate_up, down, torch.randn(5), 40, 24)
+    fn = torch.compile(lambda x: gated_mlp(x * 2, gate_up, down, None, 40, 24) + 1, fullgraph=True, dynamic=True)
+    x = torch.randn(5, 32)
+    assert torch.allclose(fn(x), gated_mlp(x * 2, gate_up, down, None, 40, 24) + 1, atol=1e-5)
