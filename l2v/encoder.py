@@ -38,6 +38,7 @@ from .kernels import (
     kernel_status,
     uses_kernel,
 )
+from .kernels.malloc import tune_malloc
 from .packing import check_packing, packed_attention, packed_inputs, unpack
 from .pooling import check_pooling, pool
 
@@ -203,6 +204,9 @@ class Encoder(nn.Module):
         is amplified and decides the worst texts: with the first 40% of the layers in fp32 (the default,
         ``None``) every measured text of the default and trained encoders stays at cosine >= 0.999 against fp32;
         ``0`` (bf16 weights everywhere) is ~1.2x faster, with ~1 text in 100 below 0.99. README "Precision".
+        On CPU, loading also fixes glibc's allocator thresholds for the process so each batch reuses the previous
+        batch's activation memory instead of page-faulting fresh memory (:mod:`l2v.kernels.malloc`;
+        ``L2V_MALLOC_TUNE=0`` opts out).
         """
         from transformers import AutoModel, AutoTokenizer
 
@@ -273,6 +277,8 @@ class Encoder(nn.Module):
             fuse_gated_mlps(net)
             net.float()  # norms, embeddings, biases (the packed weights are int16/int32 bits and stay)
         net.to(dev).eval()
+        if dev.type == "cpu":
+            tune_malloc()  # reuse activation memory across batches (l2v.kernels.malloc; L2V_MALLOC_TUNE=0: off)
         if bidirectional:
             make_bidirectional(net)
         elif getattr(net.config, "is_causal", None) is False:  # an exported bidirectional config, run causally

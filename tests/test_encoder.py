@@ -522,3 +522,15 @@ def test_training_compile_uses_the_compiled_model_with_gradients_and_falls_back(
     with pytest.warns(UserWarning, match="torch.compile failed.*training without compilation"):
         out = enc.forward(batch)
     assert calls and out.requires_grad and torch.allclose(out, ref, atol=1e-5) and enc._compiled_train is None
+
+
+def test_loading_on_cpu_tunes_the_allocator(monkeypatch, tmp_path):
+    """Activation memory is reused across batches (l2v.kernels.malloc): set up once a CPU encoder is loaded."""
+    from tiny import save_tiny
+
+    import l2v.encoder
+
+    calls = []
+    monkeypatch.setattr(l2v.encoder, "tune_malloc", lambda: calls.append(1) or True)
+    l2v.encoder.Encoder.from_pretrained(save_tiny("llama", tmp_path / "m"), device="cpu")
+    assert calls == [1]

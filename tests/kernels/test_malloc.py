@@ -1,0 +1,55 @@
+"""glibc allocator thresholds: activation memory is reused across batches instead of faulting in fresh pages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from l2v.kernels import malloc
+
+SCRIPT = """
+import resource, torch
+from l2v.kernels.malloc import malloc_status, tune_malloc
+tuned = tune_malloc()
+def batch():  # three 20 MB activations alive at once, then freed: what one layer of a packed batch does
+    xs = [torch.empty(5 << 20).fill_(1.0) for _ in range(3)]
+    del xs
+for _ in range(3):
+    batch()
+f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    batch()
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f, malloc_status()[1])
+"""
+
+
+def _run(env_value: str | None) -> tuple[bool, int, str]:
+    env = {k: v for k, v in os.environ.items() if k != "L2V_MALLOC_TUNE"}
+    if env_value is not None:
+        env["L2V_MALLOC_TUNE"] = env_value
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split(maxsplit=2)
+    return out[0] == "True", int(out[1]), out[2].strip()
+
+
+@pytest.mark.skipif(malloc._glibc() is None, reason="mallopt is glibc's")
+def test_tuned_allocator_reuses_freed_activations_instead_of_faulting():
+    off, off_faults, off_reason = _run("0")
+    assert not off and off_reason == "switched off by L2V_MALLOC_TUNE=0"
+    if off_faults < 5000:
+        pytest.skip(f"this glibc keeps the memory by itself ({off_faults} faults untuned)")
+    on, on_faults, on_reason = _run(None)
+    assert on and on_reason == "ok"
+    assert on_faults < off_faults / 20, (on_faults, off_faults)
+
+
+def test_tune_is_once_per_process_and_reports_why(monkeypatch):
+    monkeypatch.setattr(malloc, "_state", {"done": False, "active": False, "reason": "not tried"})
+    monkeypatch.setattr(malloc, "_glibc", lambda: None)
+    assert malloc.tune_malloc() is False and malloc.malloc_status() == (False, "not glibc (no mallopt)")
+    monkeypatch.setattr(malloc, "_glibc", lambda: pytest.fail("tried twice"))
+    assert malloc.tune_malloc() is False  # decided once
+
