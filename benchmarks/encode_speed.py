@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from l2v import Encoder  # noqa: E402
 from l2v.data.offline import gensim_file  # noqa: E402
+from l2v.kernels.malloc import describe as describe_malloc  # noqa: E402
 from l2v.packing import attention_kernels  # noqa: E402
 
 
@@ -283,6 +284,7 @@ def main() -> None:
           f"torch {torch.__version__}  load avg before/after {load0[0]:.2f}/{load1[0]:.2f}")
     print(f"matmul peak (best of 2048^3 and 4096x576x1536): bf16 {peaks['bf16']:.0f} GFLOP/s, "
           f"fp32 {peaks['fp32']:.0f} GFLOP/s")
+    print(f"allocator: {describe_malloc()}")  # process-wide; every row ran under it (L2V_MALLOC_TUNE=0: off)
     hdr = (f"{'set':6} {'variant':20} {'texts':>5} {'tok':>6} {'sent/s':>7} {'tok/s':>7} {'GFLOP/s':>8} "
            f"{'%bf16pk':>7} {'%ownpk':>6} {'%adjpk':>6} {'vs naive':>8} {'min cos':>8} {'<0.99':>5}")
     print(hdr)
@@ -303,7 +305,7 @@ def main() -> None:
           "%adjpk: / the same dtype's 4096x576x1536 matmul rate measured just before that run (robust to load).")
     if args.json:
         Path(args.json).write_text(json.dumps({"peaks": peaks, "rows": rows, "load": [load0, load1],
-                                               "args": vars(args)}, indent=2))
+                                               "allocator": describe_malloc(), "args": vars(args)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ def test_info_reports_bidirectional_support(model_dir, capsys):
     expected = ("available: 14 linear layers, 2 fused SiLU-gated MLPs; the first 1 of 2 decoder layers stay fp32"
                 if ok else f"unavailable ({reason})")
     assert info["cpu_bf16_kernel"].startswith(expected), info["cpu_bf16_kernel"]
+    assert "glibc thresholds set" in info["cpu_allocator"] or info["cpu_allocator"].startswith("left alone (")
 
 
 @pytest.mark.slow

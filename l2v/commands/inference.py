@@ -186,6 +186,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         layers = decoder_layers(model)
         if layers is not None:
             info["cpu_bf16_kernel"] += f"; the first {len(kept)} of {len(layers)} decoder layers stay fp32"
+    from ..kernels.malloc import describe
+
+    info["cpu_allocator"] = describe()
     if args.json:
         print(json.dumps(info, indent=2))
     else:

@@ -56,3 +56,17 @@ def tune_malloc() -> bool:
 def malloc_status() -> tuple[bool, str]:
     """``(tuned, reason)`` without changing anything."""
     return bool(_state["active"]), str(_state["reason"])
+
+
+def describe() -> str:
+    """What loading an encoder on CPU does (or did) to the allocator, for ``l2v info``."""
+    if _state["active"]:
+        return f"glibc thresholds set (mmap {MMAP_THRESHOLD >> 20} MiB, trim {TRIM_THRESHOLD >> 30} GiB)"
+    if _state["done"]:
+        return f"left alone ({_state['reason']})"
+    if os.environ.get("L2V_MALLOC_TUNE", "1").lower() in ("0", "false", "no", "off"):
+        return "left alone (L2V_MALLOC_TUNE=0)"
+    if _glibc() is None:
+        return "left alone (not glibc)"
+    return (f"glibc thresholds set when an encoder loads on CPU (mmap {MMAP_THRESHOLD >> 20} MiB, trim "
+            f"{TRIM_THRESHOLD >> 30} GiB; L2V_MALLOC_TUNE=0: off)")

@@ -53,3 +53,14 @@ def test_tune_is_once_per_process_and_reports_why(monkeypatch):
     monkeypatch.setattr(malloc, "_glibc", lambda: pytest.fail("tried twice"))
     assert malloc.tune_malloc() is False  # decided once
 
+
+
+def test_describe_says_what_loading_does(monkeypatch):
+    monkeypatch.setattr(malloc, "_state", {"done": False, "active": False, "reason": "not tried"})
+    monkeypatch.setenv("L2V_MALLOC_TUNE", "0")
+    assert malloc.describe() == "left alone (L2V_MALLOC_TUNE=0)"
+    monkeypatch.delenv("L2V_MALLOC_TUNE")
+    monkeypatch.setattr(malloc, "_glibc", lambda: None)
+    assert malloc.describe() == "left alone (not glibc)"
+    monkeypatch.setattr(malloc, "_state", {"done": True, "active": True, "reason": "ok"})
+    assert malloc.describe() == "glibc thresholds set (mmap 32 MiB, trim 1 GiB)"
