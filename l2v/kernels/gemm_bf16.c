@@ -233,8 +233,8 @@ int l2v_linear_f32w(const float* A, int64_t lda, int64_t M, int64_t K, const flo
    the default model) written to fresh pages and read back. Results are bit-identical to l2v_linear_f32(w)
    (gated) followed by l2v_linear_f32(w) on the intermediate: the same tiles, the same bf16 rounding (RNE) of
    the intermediate (bf16 path), the same sequential fp32 sum per output.
-   Both threads work on each row block: conversion split by rows, gate/up by panels, down by (panel, 6-row
-   tile) units, with a barrier between the phases. fp32: weights packed fp32 (layers kept in fp32).
+   All threads work on each row block: conversion split by rows, gate/up by panels (or panel x row-group
+   units on many cores), down by (panel, 6-row tile) units, with a barrier between the phases. fp32: weights packed fp32 (layers kept in fp32).
    Bgu: gated packing (N = 2 I), Bd: packed [Nout/64][I(/2)]..., I: intermediate size. Returns 0, or 1 when a
    scratch buffer could not be allocated. */
 int l2v_mlp(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bgu, int64_t I, const void* Bd,
@@ -260,10 +260,15 @@ int l2v_mlp(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bgu, 
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < mlen; ++r) cvt_row(A + (m0 + r) * lda, abuf + r * Kp, K, K2);
       }
+      /* gate/up units: whole panels (best reuse of each panel), or panel x row-group where there are fewer
+         than 4 panels per thread (many-core CPUs) */
+      int64_t G = (4 * omp_get_num_threads() + NBg - 1) / NBg;
+      if (G > tiles) G = tiles;
 #pragma omp for schedule(static)
-      for (int64_t nb = 0; nb < NBg; ++nb) {
+      for (int64_t u = 0; u < NBg * G; ++u) {
+        int64_t nb = u / G, g = u % G, r0 = tiles * g / G * MR, r1 = tiles * (g + 1) / G * MR;
         int ncols = (int)(I - nb * WN < WN ? I - nb * WN : WN);
-        for (int64_t r = 0; r < mlen; r += MR) {
+        for (int64_t r = r0; r < r1 && r < mlen; r += MR) {
           int mr = (int)(mlen - r < MR ? mlen - r : MR);
           if (fp32)
             kern32_any(mr, 1, A + (m0 + r) * lda, lda, (const float*)Bgu + nb * K * NR, K,

@@ -395,9 +395,12 @@ def test_whole_mlp_is_bit_identical_to_gated_then_down(fp32, m, k, i, n, with_bi
     try:
         torch.set_num_threads(1)
         one = gated_mlp(x, gate_up, down, bias, i, n)
+        torch.set_num_threads(8)  # more threads than panels: gate/up split into panel x row-group units
+        many = gated_mlp(x, gate_up, down, bias, i, n)
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_array_equal(one.numpy(), got.numpy())
+    np.testing.assert_array_equal(many.numpy(), got.numpy())
 
 
 @needs_kernel
