@@ -60,37 +60,49 @@ def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 ROWS_PER_TASK = 96  # rows converted to bf16 per task; 48-768 measured in situ, 96 best (RESULTS.md)
 
 
-def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, gated: bool) -> torch.Tensor:
+def _lib() -> Any:
     lib = load()
     if lib is None:
         raise RuntimeError(f"l2v's bf16 CPU kernel is unavailable: {_state['error']}")
+    return lib
+
+
+def _fits(packed: torch.Tensor, k: int, cols: int) -> bool:
+    """Whether ``packed`` (either format) holds a weight of ``k`` inputs with room for ``cols`` packed outputs."""
+    layout_ok = (packed.dim() == 3 and packed.shape[1] == k) if is_fp32_packed(packed) else (
+        packed.dtype == torch.int16 and packed.dim() == 4 and packed.shape[1] == (k + 1) // 2)
+    return layout_ok and 0 < cols <= packed.shape[0] * BLOCK_N
+
+
+def _launch(x: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+            call: Callable[[torch.Tensor, int | None, torch.Tensor], int]) -> torch.Tensor:
+    """``call(rows, bias pointer, out)`` on ``x`` as unit-stride ``[m, K]`` rows into a fresh fp32 ``[m, N]``."""
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((x2.shape[0], out_features), dtype=torch.float32)
+    if x2.shape[0] and call(x2, bias.data_ptr() if bias is not None else None, out):
+        raise MemoryError("l2v's bf16 CPU kernel could not allocate its scratch buffer.")
+    return out.view(*x.shape[:-1], out_features)
+
+
+def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int, gated: bool) -> torch.Tensor:
+    lib = _lib()
     k = x.shape[-1]
     if x.device.type != "cpu" or packed.device.type != "cpu":
         raise RuntimeError("l2v's bf16 kernel runs on CPU only; load the encoder on the GPU without it "
                            "(Encoder.from_pretrained(..., device='cuda') never uses it).")
     cols = out_features * 2 if gated else out_features  # packed rows: gate and up interleaved when gated
-    fp32 = is_fp32_packed(packed)
-    layout_ok = (packed.dim() == 3 and packed.shape[1] == k) if fp32 else (
-        packed.dtype == torch.int16 and packed.dim() == 4 and packed.shape[1] == (k + 1) // 2)
-    if (x.dtype != torch.float32 or not layout_ok or not 0 < cols <= packed.shape[0] * BLOCK_N
+    if (x.dtype != torch.float32 or not _fits(packed, k, cols)
             or (bias is not None and (gated or bias.numel() != out_features))):
         raise ValueError(f"bf16_linear: a packed weight of {tuple(packed.shape)} ({packed.dtype}) does not fit a "
                          f"{x.dtype} input of {tuple(x.shape)} and {out_features} outputs.")
-    if bias is not None and bias.dtype != torch.float32:
-        bias = bias.float()
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    out = torch.empty((m, out_features), dtype=torch.float32)
-    if m:
-        fn = lib.l2v_linear_f32w if fp32 else lib.l2v_linear_f32
-        rc = fn(x2.data_ptr(), x2.stride(0), m, k, packed.data_ptr(), cols,
-                bias.data_ptr() if bias is not None else None, out.data_ptr(), out_features,
-                ROWS_PER_TASK, torch.get_num_threads(), int(gated))
-        if rc:
-            raise MemoryError("l2v's bf16 CPU kernel could not allocate its scratch buffer.")
-    return out.view(*x.shape[:-1], out_features)
+    fn = lib.l2v_linear_f32w if is_fp32_packed(packed) else lib.l2v_linear_f32
+    return _launch(x, bias, out_features, lambda rows, b, out: fn(
+        rows.data_ptr(), rows.stride(0), rows.shape[0], k, packed.data_ptr(), cols, b, out.data_ptr(), out_features,
+        ROWS_PER_TASK, torch.get_num_threads(), int(gated)))
 
 
 @torch.library.custom_op("l2v::bf16_linear", mutates_args=())
@@ -122,32 +134,18 @@ MLP_ROWS_PER_BLOCK = 96  # rows per block of the fused MLP: its bf16 intermediat
 
 def _mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None, intermediate: int,
          out_features: int) -> torch.Tensor:
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"l2v's bf16 CPU kernel is unavailable: {_state['error']}")
+    lib = _lib()
     k = x.shape[-1]
     fp32 = is_fp32_packed(gate_up)
-    want_gu = (k if fp32 else (k + 1) // 2, 2 * intermediate)
-    want_d = (intermediate if fp32 else (intermediate + 1) // 2, out_features)
     if (x.dtype != torch.float32 or x.device.type != "cpu" or is_fp32_packed(down) != fp32
-            or gate_up.shape[1] != want_gu[0] or not 0 < want_gu[1] <= gate_up.shape[0] * BLOCK_N
-            or down.shape[1] != want_d[0] or not 0 < want_d[1] <= down.shape[0] * BLOCK_N
+            or not _fits(gate_up, k, 2 * intermediate) or not _fits(down, intermediate, out_features)
             or (bias is not None and bias.numel() != out_features)):
         raise ValueError(f"gated_mlp: packed weights {tuple(gate_up.shape)} / {tuple(down.shape)} do not fit a "
                          f"{x.dtype} input of {tuple(x.shape)} on {x.device}, {intermediate} intermediate and "
                          f"{out_features} outputs.")
-    if bias is not None and bias.dtype != torch.float32:
-        bias = bias.float()
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    out = torch.empty((m, out_features), dtype=torch.float32)
-    if m and lib.l2v_mlp(x2.data_ptr(), x2.stride(0), m, k, gate_up.data_ptr(), intermediate, down.data_ptr(),
-                         out_features, bias.data_ptr() if bias is not None else None, out.data_ptr(), out_features,
-                         MLP_ROWS_PER_BLOCK, torch.get_num_threads(), int(fp32)):
-        raise MemoryError("l2v's bf16 CPU kernel could not allocate its scratch buffer.")
-    return out.view(*x.shape[:-1], out_features)
+    return _launch(x, bias, out_features, lambda rows, b, out: lib.l2v_mlp(
+        rows.data_ptr(), rows.stride(0), rows.shape[0], k, gate_up.data_ptr(), intermediate, down.data_ptr(),
+        out_features, b, out.data_ptr(), out_features, MLP_ROWS_PER_BLOCK, torch.get_num_threads(), int(fp32)))
 
 
 @torch.library.custom_op("l2v::gated_mlp", mutates_args=())
