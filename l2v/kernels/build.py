@@ -27,6 +27,11 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {"lib": None, "error": None, "tried": False}
 
 
+def switched_off(variable: str) -> bool:
+    """Whether the environment turns an l2v runtime feature off (``L2V_CPU_KERNEL=0``, ``L2V_MALLOC_TUNE=off``...)."""
+    return os.environ.get(variable, "1").lower() in ("0", "false", "no", "off")
+
+
 def cpu_has_avx512_bf16() -> bool:
     """The kernels' instruction set (vdpbf16ps; the attention needs only AVX-512F); AMX CPUs have it too."""
     if sys.platform != "linux":
@@ -74,7 +79,7 @@ def load() -> ctypes.CDLL | None:
         if _state["tried"]:
             return _state["lib"]
         _state["tried"] = True
-        if os.environ.get("L2V_CPU_KERNEL", "1").lower() in ("0", "false", "no", "off"):
+        if switched_off("L2V_CPU_KERNEL"):
             _state["error"] = "switched off by L2V_CPU_KERNEL=0"
         elif not cpu_has_avx512_bf16():
             _state["error"] = "this CPU has no AVX512-BF16"

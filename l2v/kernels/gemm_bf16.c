@@ -234,7 +234,8 @@ int l2v_linear_f32w(const float* A, int64_t lda, int64_t M, int64_t K, const flo
    (gated) followed by l2v_linear_f32(w) on the intermediate: the same tiles, the same bf16 rounding (RNE) of
    the intermediate (bf16 path), the same sequential fp32 sum per output.
    All threads work on each row block: conversion split by rows, gate/up by panels (or panel x row-group
-   units on many cores), down by (panel, 6-row tile) units, with a barrier between the phases. fp32: weights packed fp32 (layers kept in fp32).
+   units on many cores), down by (panel, 6-row tile) units, with a barrier between the phases.
+   fp32: weights packed fp32 (layers kept in fp32).
    Bgu: gated packing (N = 2 I), Bd: packed [Nout/64][I(/2)]..., I: intermediate size. Returns 0, or 1 when a
    scratch buffer could not be allocated. */
 int l2v_mlp(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bgu, int64_t I, const void* Bd,

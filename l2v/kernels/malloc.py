@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import threading
+
+from .build import switched_off
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 MMAP_THRESHOLD = 32 << 20  # blocks above this (weights, huge batches) still get their own mapping, freed on free()
@@ -30,10 +31,9 @@ _state: dict[str, object] = {"done": False, "active": False, "reason": "not trie
 def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        gnu = libc.gnu_get_libc_version  # only glibc has it (musl and macOS do not)
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl and macOS do not)
     except (OSError, AttributeError):
         return None
-    gnu.restype = ctypes.c_char_p
     return libc
 
 
@@ -42,7 +42,7 @@ def tune_malloc() -> bool:
     with _lock:
         if not _state["done"]:
             _state["done"] = True
-            if os.environ.get("L2V_MALLOC_TUNE", "1").lower() in ("0", "false", "no", "off"):
+            if switched_off("L2V_MALLOC_TUNE"):
                 _state["reason"] = "switched off by L2V_MALLOC_TUNE=0"
             elif (libc := _glibc()) is None:
                 _state["reason"] = "not glibc (no mallopt)"
@@ -60,13 +60,13 @@ def malloc_status() -> tuple[bool, str]:
 
 def describe() -> str:
     """What loading an encoder on CPU does (or did) to the allocator, for ``l2v info``."""
+    settings = f"mmap {MMAP_THRESHOLD >> 20} MiB, trim {TRIM_THRESHOLD >> 30} GiB"
     if _state["active"]:
-        return f"glibc thresholds set (mmap {MMAP_THRESHOLD >> 20} MiB, trim {TRIM_THRESHOLD >> 30} GiB)"
+        return f"glibc thresholds set ({settings})"
     if _state["done"]:
         return f"left alone ({_state['reason']})"
-    if os.environ.get("L2V_MALLOC_TUNE", "1").lower() in ("0", "false", "no", "off"):
+    if switched_off("L2V_MALLOC_TUNE"):
         return "left alone (L2V_MALLOC_TUNE=0)"
     if _glibc() is None:
         return "left alone (not glibc)"
-    return (f"glibc thresholds set when an encoder loads on CPU (mmap {MMAP_THRESHOLD >> 20} MiB, trim "
-            f"{TRIM_THRESHOLD >> 30} GiB; L2V_MALLOC_TUNE=0: off)")
+    return f"glibc thresholds set when an encoder loads on CPU ({settings}; L2V_MALLOC_TUNE=0: off)"

@@ -14,8 +14,9 @@ SCRIPT = """
 import resource, torch
 from l2v.kernels.malloc import malloc_status, tune_malloc
 tuned = tune_malloc()
-def batch():  # three 20 MB activations alive at once, then freed: what one layer of a packed batch does
-    xs = [torch.empty(5 << 20).fill_(1.0) for _ in range(3)]
+def batch():  # 20 MB activations alive at once, then freed: what one layer of a packed batch does. Four of them
+    # free 80 MB at the heap top, above any trim threshold glibc adapts to by itself (at most 2 x 32 MiB)
+    xs = [torch.empty(5 << 20).fill_(1.0) for _ in range(4)]
     del xs
 for _ in range(3):
     batch()
