@@ -38,13 +38,15 @@ def _run(env_value: str | None) -> tuple[bool, int, str]:
 
 @pytest.mark.skipif(malloc._glibc() is None, reason="mallopt is glibc's")
 def test_tuned_allocator_reuses_freed_activations_instead_of_faulting():
-    off, off_faults, off_reason = _run("0")
-    assert not off and off_reason == "switched off by L2V_MALLOC_TUNE=0"
-    if off_faults < 5000:
-        pytest.skip(f"this glibc keeps the memory by itself ({off_faults} faults untuned)")
     on, on_faults, on_reason = _run(None)
     assert on and on_reason == "ok"
-    assert on_faults < off_faults / 20, (on_faults, off_faults)
+    assert on_faults < 1000, on_faults  # the 80 MB of each batch come back from the heap, not fresh pages
+    off, off_faults, off_reason = _run("0")
+    assert not off and off_reason == "switched off by L2V_MALLOC_TUNE=0"
+    # glibc's own behaviour depends on where small allocations land (about half the runs here fault 80k times,
+    # the rest not at all); when it faults, the tuning is what prevents it
+    if off_faults >= 5000:
+        assert on_faults < off_faults / 20, (on_faults, off_faults)
 
 
 def test_tune_is_once_per_process_and_reports_why(monkeypatch):
