@@ -124,7 +124,11 @@ def make_bidirectional(model: nn.Module, check: bool = True) -> nn.Module:
 
 
 def make_causal(model: nn.Module) -> nn.Module:
-    """Undo :func:`make_bidirectional`, restoring the flags it changed."""
+    """Undo :func:`make_bidirectional`, restoring the flags it changed.
+
+    A config that was already ``is_causal=False`` before (an ``l2v export`` directory loaded back) is set to
+    ``True``: restoring ``False`` would leave the model bidirectional.
+    """
     base = _unwrap(model)
     state = getattr(base, _FLAG, None)
     if state is None:
@@ -137,7 +141,7 @@ def make_causal(model: nn.Module) -> nn.Module:
             if "is_causal" in cfg.__dict__:
                 del cfg.__dict__["is_causal"]
         else:
-            cfg.is_causal = value
+            cfg.is_causal = True
     delattr(base, _FLAG)
     return model
 

@@ -86,6 +86,20 @@ def test_make_causal_restores_and_context_manager():
     assert getattr(model.config, "is_causal", True) is True
 
 
+def test_make_causal_on_a_config_saved_bidirectional():
+    """A model whose config was saved with is_causal=False (an l2v export) is really causal after make_causal
+    and inside causal_attention; restoring the saved False used to leave it bidirectional."""
+    model = tiny_model("llama", "sdpa")
+    model.config.is_causal = False
+    assert check_bidirectional(model)
+    make_bidirectional(model)
+    with causal_attention(model):
+        assert not check_bidirectional(model)
+    assert is_bidirectional(model) and check_bidirectional(model)
+    make_causal(model)
+    assert not check_bidirectional(model)
+
+
 def test_idempotent_and_through_peft():
     from peft import LoraConfig, get_peft_model
 
