@@ -602,11 +602,27 @@ class Encoder(nn.Module):
         return out.numpy() if convert_to == "numpy" else out
 
     def similarity(self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
-        """Cosine similarity matrix between two sets of embeddings (``b`` defaults to ``a``)."""
-        ta = torch.as_tensor(np.asarray(a, dtype=np.float32))
-        tb = ta if b is None else torch.as_tensor(np.asarray(b, dtype=np.float32))
-        ta, tb = torch.atleast_2d(ta), torch.atleast_2d(tb)
+        """Cosine similarity matrix between two sets of embeddings (``b`` defaults to ``a``).
+
+        Each side is one vector or an (n, dim) matrix: numpy, lists, or torch tensors of any float dtype and
+        device (e.g. ``forward``'s output, which requires grad).
+        """
+        ta = _as_matrix(a, "a")
+        tb = ta if b is None else _as_matrix(b, "b")
+        if ta.shape[1] != tb.shape[1]:
+            raise ValueError(f"similarity: a has dimension {ta.shape[1]} but b has {tb.shape[1]}; both must be "
+                             "embeddings of the same size.")
         return (torch.nn.functional.normalize(ta, dim=-1) @ torch.nn.functional.normalize(tb, dim=-1).T).numpy()
+
+
+def _as_matrix(x: Any, name: str) -> torch.Tensor:
+    """A float32 CPU (n, dim) tensor from a vector or matrix (numpy, list, or any torch tensor)."""
+    t = x.detach().to("cpu", torch.float32) if isinstance(x, torch.Tensor) else torch.as_tensor(
+        np.asarray(x, dtype=np.float32))
+    t = torch.atleast_2d(t)
+    if t.ndim != 2:
+        raise ValueError(f"similarity: {name} must be one vector or an (n, dim) matrix, got shape {tuple(t.shape)}.")
+    return t
 
 
 def _want_cpu_kernel(requested: bool | None, dtype: torch.dtype, device: torch.device) -> bool:

@@ -193,6 +193,20 @@ def test_similarity_matrix():
     np.testing.assert_allclose(sim, sim.T, atol=1e-6)
 
 
+def test_similarity_accepts_any_tensor_and_checks_shapes():
+    """Tensors that need grad or are bf16 work (they used to fail inside numpy); mismatched sizes are named."""
+    enc = tiny_encoder()
+    v = enc.encode(TEXTS, convert_to="torch")
+    ref = enc.similarity(v)
+    np.testing.assert_allclose(enc.similarity(v.clone().requires_grad_()), ref, atol=1e-6)
+    np.testing.assert_allclose(enc.similarity(v.bfloat16(), v), ref, atol=2e-2)
+    assert enc.similarity(v[0], v).shape == (1, 4)
+    with pytest.raises(ValueError, match="dimension 32 but b has 8"):
+        enc.similarity(v, v[:, :8])
+    with pytest.raises(ValueError, match="shape"):
+        enc.similarity(v[None])
+
+
 def test_save_and_reload_roundtrip(tmp_path):
     enc = tiny_encoder("qwen3", pooling="weighted_mean", max_length=64)
     enc.base_model = "tiny-qwen3"
