@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -547,16 +548,18 @@ class Encoder(nn.Module):
         """
         if normalize_embeddings is not None:
             normalize = normalize_embeddings
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        if max_tokens_per_batch is not None and (isinstance(max_tokens_per_batch, bool) or not isinstance(
-                max_tokens_per_batch, int) or max_tokens_per_batch < 1):
+        if max_tokens_per_batch is not None and (not _is_int(max_tokens_per_batch) or max_tokens_per_batch < 1):
             raise ValueError(f"max_tokens_per_batch must be a positive integer or None, got {max_tokens_per_batch!r}.")
         if convert_to not in ("numpy", "torch"):
             raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}.")
-        if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
-                                       or not 1 <= dimensions <= self.dim):
+        if dimensions is not None and (not _is_int(dimensions) or not 1 <= dimensions <= self.dim):
             raise ValueError(f"dimensions must be an integer in [1, {self.dim}] or None, got {dimensions!r}.")
+        # numpy integers are fine (e.g. sizes computed with numpy); downstream checks want plain ints
+        batch_size = int(batch_size)
+        max_tokens_per_batch = None if max_tokens_per_batch is None else int(max_tokens_per_batch)
+        dimensions = None if dimensions is None else int(dimensions)
         if dimensions is not None and dimensions < self.dim:
             full = self.encode(sentences, instruction=instruction, batch_size=batch_size, normalize=False,
                                show_progress_bar=show_progress_bar, convert_to="torch",
@@ -623,6 +626,11 @@ def _as_matrix(x: Any, name: str) -> torch.Tensor:
     if t.ndim != 2:
         raise ValueError(f"similarity: {name} must be one vector or an (n, dim) matrix, got shape {tuple(t.shape)}.")
     return t
+
+
+def _is_int(value: Any) -> bool:
+    """Any integer type (Python or numpy), but not bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _want_cpu_kernel(requested: bool | None, dtype: torch.dtype, device: torch.device) -> bool:

@@ -146,6 +146,16 @@ def test_bad_arguments():
         enc.encode(TEXTS, instruction=3)
     with pytest.raises(ValueError, match="pooling"):
         tiny_encoder(pooling="max")
+    with pytest.raises(ValueError, match="batch_size"):
+        enc.encode(TEXTS, batch_size=True)
+
+
+def test_numpy_integer_arguments_are_accepted():
+    """Sizes computed with numpy are integers too (they used to be rejected as 'not a positive integer')."""
+    enc = tiny_encoder()
+    ref = enc.encode(TEXTS, dimensions=8)
+    out = enc.encode(TEXTS, batch_size=np.int64(2), max_tokens_per_batch=np.int32(64), dimensions=np.int64(8))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("pooling", POOLING_MODES)
