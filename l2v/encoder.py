@@ -155,9 +155,7 @@ class Encoder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = check_pooling(pooling)
-        if not isinstance(max_length, int) or max_length < 4:
-            raise ValueError(f"max_length must be an integer >= 4, got {max_length!r}.")
-        self.max_length = max_length
+        self.max_length = _check_max_length(max_length)
         self.name = name
         self.base_model = base_model
         self.padding_side = getattr(tokenizer, "padding_side", "right") or "right"
@@ -236,10 +234,13 @@ class Encoder(nn.Module):
             adapters.append(str(adapter))
         official = {} if cfg is not None else llm2vec_defaults(*adapters[::-1], path)  # llm2vec_config.json
 
-        pooling = pooling or (cfg.pooling if cfg else official.get("pooling", "mean"))
+        # Checked before any weights load (minutes for a large model); 0 or "" are errors, not "use the default".
+        pooling = check_pooling(pooling if pooling is not None else (
+            cfg.pooling if cfg else official.get("pooling", "mean")))
         bidirectional = bidirectional if bidirectional is not None else (cfg.bidirectional if cfg else True)
-        max_length = max_length or (cfg.max_length if cfg else official.get("max_length", 512))
-        dev = torch.device(device) if device is not None else default_device()
+        max_length = _check_max_length(max_length if max_length is not None else (
+            cfg.max_length if cfg else official.get("max_length", 512)))
+        dev = _resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         use_kernel = _want_cpu_kernel(cpu_kernel, torch_dtype, dev)
         if fp32_layers is not None and (isinstance(fp32_layers, bool) or not isinstance(fp32_layers, int)
@@ -626,6 +627,26 @@ def _as_matrix(x: Any, name: str) -> torch.Tensor:
     if t.ndim != 2:
         raise ValueError(f"similarity: {name} must be one vector or an (n, dim) matrix, got shape {tuple(t.shape)}.")
     return t
+
+
+def _check_max_length(max_length: Any) -> int:
+    if not _is_int(max_length) or max_length < 4:
+        raise ValueError(f"max_length must be an integer >= 4, got {max_length!r}.")
+    return int(max_length)
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (``None``: CUDA, else MPS, else CPU), refusing one this machine lacks."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a torch device; use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'."
+                         ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but CUDA is not available here; use device='cpu' (or None).")
+    return dev
 
 
 def _is_int(value: Any) -> bool:

@@ -53,7 +53,7 @@ _POOLERS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 
 
 def check_pooling(mode: str) -> str:
-    if mode not in _POOLERS:
+    if not isinstance(mode, str) or mode not in _POOLERS:
         raise ValueError(f"pooling={mode!r} is not supported; choose one of {', '.join(POOLING_MODES)}.")
     return mode
 

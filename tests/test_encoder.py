@@ -237,6 +237,27 @@ def test_from_pretrained_local_dir_and_causal_flag(tmp_path):
     assert np.abs(enc.encode(TEXTS) - causal.encode(TEXTS)).max() > 1e-4
 
 
+def test_from_pretrained_bad_arguments_fail_before_loading(tmp_path, monkeypatch):
+    """pooling / max_length / device are checked before any weights load; 0 and "" are errors, not defaults."""
+    import transformers
+    from tiny import save_tiny
+
+    path = save_tiny("llama", tmp_path / "m")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_loading)
+    for kwargs, match in [({"pooling": "cls"}, "pooling='cls'"), ({"pooling": ""}, "pooling=''"),
+                          ({"pooling": ["mean"]}, "pooling="), ({"max_length": 0}, "max_length"),
+                          ({"max_length": 2.5}, "max_length"), ({"device": "gpu"}, "device='gpu'")]:
+        with pytest.raises(ValueError, match=match):
+            Encoder.from_pretrained(path, dtype="float32", **kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Encoder.from_pretrained(path, device="cuda")
+
+
 def test_dtype_resolution():
     from l2v.encoder import cpu_supports_bf16, resolve_dtype
 
