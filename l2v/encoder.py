@@ -154,12 +154,11 @@ class Encoder(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.pooling = check_pooling(pooling)
+        self.pooling = pooling  # also sets the special tokens (_prefix, _suffix)
         self.max_length = _check_max_length(max_length)
         self.name = name
         self.base_model = base_model
         self.padding_side = getattr(tokenizer, "padding_side", "right") or "right"
-        self._prefix, self._suffix = self._special_tokens()
         self._pad_id = self._pick_pad_id()
         self._takes_position_ids = "position_ids" in inspect.signature(self._forward_target().forward).parameters
         # Pack texts into one padding-free row (see l2v.packing): None = automatic (on CPU, when the probe passes).
@@ -305,6 +304,16 @@ class Encoder(nn.Module):
         return out
 
     # --------------------------------------------------------------- properties
+    @property
+    def pooling(self) -> str:
+        return self._pooling
+
+    @pooling.setter
+    def pooling(self, mode: str) -> None:
+        """Validated, and the special tokens follow: last-token pooling appends an EOS token, the others do not."""
+        self._pooling = check_pooling(mode)
+        self._prefix, self._suffix = self._special_tokens()
+
     @property
     def bidirectional(self) -> bool:
         return is_bidirectional(self.model)

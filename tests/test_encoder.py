@@ -158,6 +158,21 @@ def test_numpy_integer_arguments_are_accepted():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+def test_setting_pooling_after_construction():
+    """enc.pooling = ... is validated and behaves like passing it to the constructor (EOS appended for
+    last-token pooling); it used to keep the old special tokens and pool the last text token instead."""
+    enc = tiny_encoder(pooling="mean")
+    enc.pooling = "last_token"
+    fresh = Encoder(enc.model, enc.tokenizer, pooling="last_token")
+    assert enc._suffix == fresh._suffix == [enc.tokenizer.eos_token_id]
+    np.testing.assert_allclose(enc.encode(TEXTS), fresh.encode(TEXTS), atol=1e-6)
+    enc.pooling = "mean"
+    assert enc._suffix == []
+    with pytest.raises(ValueError, match="pooling='max'"):
+        enc.pooling = "max"
+    assert enc.pooling == "mean"
+
+
 @pytest.mark.parametrize("pooling", POOLING_MODES)
 def test_empty_strings_are_encoded(pooling):
     enc = tiny_encoder(pooling=pooling)
