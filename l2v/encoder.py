@@ -153,6 +153,10 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
+        head = getattr(self._forward_target(), "get_output_embeddings", None)
+        if callable(head) and head() is not None:  # its output would be logits, not token states
+            raise TypeError(f"Encoder needs the base transformer, got {type(self._forward_target()).__name__} with "
+                            "a language-model head; pass model.base_model (or load with AutoModel).")
         self.tokenizer = tokenizer
         self.pooling = pooling  # also sets the special tokens (_prefix, _suffix)
         self.max_length = _check_max_length(max_length)

@@ -148,6 +148,9 @@ def test_bad_arguments():
         tiny_encoder(pooling="max")
     with pytest.raises(ValueError, match="batch_size"):
         enc.encode(TEXTS, batch_size=True)
+    # A model with an LM head returns logits: a clear error, not a shape mismatch at the first encode.
+    with pytest.raises(TypeError, match="LlamaForCausalLM with a language-model head.*base_model"):
+        Encoder(tiny_model("llama"), tiny_tokenizer())
 
 
 def test_numpy_integer_arguments_are_accepted():
