@@ -58,7 +58,7 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/"auto": bf16 where the hardware runs it natively, else fp32."""
+    """``None``/"auto": bf16 where the hardware runs it natively, else fp16 on CUDA and fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -537,7 +537,7 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------- encode
     def encode(
         self,
-        sentences: Item | Sequence[Item],
+        sentences: str | Sequence[Item],
         instruction: str | None = None,
         batch_size: int = 128,
         normalize: bool = False,
@@ -551,7 +551,8 @@ class Encoder(nn.Module):
 
         ``dimensions``: keep only the first k dimensions (Matryoshka-style), re-normalised when ``normalize``.
 
-        ``sentences``: strings, or ``(instruction, text)`` pairs; ``instruction`` applies to plain strings.
+        ``sentences``: strings, or ``(instruction, text)`` pairs; ``instruction`` applies to plain strings. A bare
+        tuple is a sequence of texts, like a list: wrap a single pair in a list.
         Empty strings are valid (pooled over the special tokens). Texts longer than ``max_length`` tokens are
         truncated with one warning. Embeddings are float32 whatever the model dtype.
 

@@ -20,7 +20,10 @@ Exact equivalence needs the tokenizer to add no special tokens that l2v would ex
 SmolLM2, Qwen, GPT-2-style tokenizers; Llama/Mistral tokenizers prepend a BOS that l2v does not pool but a stock
 ``Pooling`` would). :func:`st_compatibility` says whether a given encoder is exact; ``export`` warns when not.
 Prompts match instructions exactly when the prompt's tokens do not merge with the text's first token (e.g. a
-prompt ending in punctuation without a trailing space: ``"Retrieve relevant passages:"``).
+prompt ending in punctuation without a trailing space: ``"Retrieve relevant passages:"``), for mean and last-token
+pooling only: ``weightedmean`` weights a text's tokens by position counted from the start of the prompt (l2v counts
+from the text's first token, as the official LLM2Vec does) and ``cls`` takes the first token after the prompt
+(l2v's ``bos``: the first token of the sequence), so prompted vectors differ there.
 """
 
 from __future__ import annotations

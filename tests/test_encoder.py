@@ -59,6 +59,7 @@ def test_output_types_and_shapes():
     assert isinstance(t, torch.Tensor) and t.shape == (4, enc.dim)
     single = enc.encode("just one")
     assert single.shape == (enc.dim,)
+    assert enc.encode(("a tuple", "of two texts")).shape == (2, enc.dim)  # README: a bare tuple is a sequence
     empty = enc.encode([])
     assert empty.shape == (0, enc.dim)
     normed = enc.encode(TEXTS, normalize=True)
