@@ -11,7 +11,7 @@ import json
 import numbers
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -93,7 +93,8 @@ def normalize_inputs(sentences: Any, instruction: str | None = None) -> tuple[li
         return [sentences], [instruction], True
     if sentences is None:
         raise TypeError("sentences must be a string or a list of strings / (instruction, text) pairs, got None.")
-    if isinstance(sentences, (bytes, dict)) or not isinstance(sentences, Sequence | Iterator | np.ndarray):
+    # Any iterable (a pandas Series, dict.values(), a generator), but not bytes or a mapping (its keys)
+    if isinstance(sentences, (bytes, bytearray, Mapping)) or not isinstance(sentences, Iterable):
         raise TypeError(
             f"sentences must be a string or a list of strings / (instruction, text) pairs, "
             f"got {type(sentences).__name__}."

@@ -105,6 +105,19 @@ def test_instruction_is_not_pooled_and_acts_only_through_attention():
     np.testing.assert_allclose(blocked[batch["pool_mask"][0]].mean(0).numpy(), plain, atol=1e-5)
 
 
+def test_any_iterable_of_texts_is_accepted():
+    """Iterables that are neither sequences nor iterators (a pandas Series, dict.values()) used to be rejected."""
+    enc = tiny_encoder()
+    ref = enc.encode(TEXTS)
+
+    class Column:  # iterable only, like a pandas Series
+        def __iter__(self):
+            return iter(TEXTS)
+
+    np.testing.assert_allclose(enc.encode(Column()), ref, atol=1e-6)
+    np.testing.assert_allclose(enc.encode(dict(enumerate(TEXTS)).values()), ref, atol=1e-6)
+
+
 def test_instruction_argument_and_pairs_agree():
     enc = tiny_encoder()
     a = enc.encode(["cats", "dogs"], instruction="Find pets:")
