@@ -352,7 +352,9 @@ class Encoder(nn.Module):
     def dim(self) -> int:
         cfg = self._forward_target().config
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        return int(getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd)
+        # OPT projects its output to word_embed_proj_dim when that differs (opt-350m: hidden 1024, output 512)
+        return int(getattr(text_cfg, "word_embed_proj_dim", None) or getattr(text_cfg, "hidden_size", None)
+                   or text_cfg.n_embd)
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.dim

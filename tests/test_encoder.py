@@ -42,6 +42,24 @@ def test_padding_invariance_alone_batched_left_right(arch, pooling):
     assert np.abs(batched_r - batched_l).max() <= 1e-4
 
 
+def test_output_projection_sets_the_dimension():
+    """OPT-350m projects its 1024-wide states to 512 (word_embed_proj_dim): dim is the output's width (it was
+    hidden_size, and encode failed with a shape mismatch)."""
+    import transformers as tf
+
+    cfg = tf.OPTConfig(vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=32, ffn_dim=64,
+                       num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=16, max_position_embeddings=256)
+    torch.manual_seed(0)
+    net = make_bidirectional(tf.AutoModel.from_config(cfg, attn_implementation="sdpa").eval())
+    enc = Encoder(net, tiny_tokenizer())
+    assert enc.dim == 16
+    out = enc.encode(TEXTS)
+    assert out.shape == (4, 16)
+    enc.packing = False
+    np.testing.assert_allclose(enc.encode(TEXTS), out, atol=1e-5)
+    np.testing.assert_allclose(enc.encode(TEXTS[1]), out[1], atol=1e-5)
+
+
 def test_batch_order_and_sizes_do_not_matter():
     enc = tiny_encoder()
     ref = enc.encode(TEXTS, batch_size=len(TEXTS))
