@@ -94,7 +94,7 @@ class MicroBatcher:
 
     def __init__(self, encoder: Encoder, max_batch_tokens: int = 16384, max_batch_size: int = 128,
                  batch_wait_ms: float = 5.0, max_queued_inputs: int = 16384) -> None:
-        self.encoder = encoder
+        self.encoder = encoder.eval()  # the server owns it: no dropout, whatever mode it was handed in
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.wait_s = batch_wait_ms / 1000.0

@@ -246,3 +246,21 @@ def test_batcher_direct_use_and_backpressure(encoder):
         batcher.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         batcher.encode_sync([encoder.tokenize_one("x")])
+
+
+def test_batcher_serves_a_training_mode_encoder_without_dropout(tiny_dir):
+    from l2v.serve import MicroBatcher
+
+    enc = Encoder.from_pretrained(tiny_dir, dtype="float32")
+    for m in enc.model.modules():  # heavy attention dropout, then hand the batcher an encoder in training mode
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    enc.train()
+    batcher = MicroBatcher(enc, batch_wait_ms=1)
+    try:
+        items = [enc.tokenize_one(t) for t in ["same text twice", "same text twice", "another one"]]
+        got = batcher.encode_sync(items, timeout=30).numpy()
+    finally:
+        batcher.stop()
+    np.testing.assert_array_equal(got[0], got[1])
+    np.testing.assert_allclose(got, enc.encode(["same text twice", "same text twice", "another one"]), atol=1e-5)
