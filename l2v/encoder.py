@@ -607,7 +607,7 @@ class Encoder(nn.Module):
                     items = [self.tokenize_one(texts[i], instructions[i]) for i in chunk]
                     n_trunc += sum(t.truncated for t in items)
                     for idx in plan_batches([len(t.ids) for t in items], batch_size, max_tokens_per_batch, packed):
-                        emb = self.forward(collate([items[i] for i in idx])).float()
+                        emb = self.checked(self.forward(collate([items[i] for i in idx])).float())
                         if normalize:
                             emb = torch.nn.functional.normalize(emb, dim=-1)
                         out[[chunk.start + i for i in idx]] = emb.cpu()
@@ -621,6 +621,15 @@ class Encoder(nn.Module):
         if single:
             out = out[0]
         return out.numpy() if convert_to == "numpy" else out
+
+    def checked(self, emb: torch.Tensor) -> torch.Tensor:
+        """``emb``, or a clear error if the forward produced NaN/inf (fp16 overflow on some models, bad weights):
+        returning them would silently poison every similarity computed from them."""
+        if not bool(torch.isfinite(emb).all()):
+            hint = (" fp16 overflows on some models; load with dtype='float32' (or 'bfloat16' where supported)."
+                    if self.dtype == torch.float16 else " Check the model's weights.")
+            raise FloatingPointError(f"the model produced non-finite (NaN/inf) embeddings in {self.dtype}.{hint}")
+        return emb
 
     def similarity(self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
         """Cosine similarity matrix between two sets of embeddings (``b`` defaults to ``a``).

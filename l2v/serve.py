@@ -185,7 +185,7 @@ class MicroBatcher:
                 longest = len(flat[start][2].ids)
                 n = max(1, min(self.max_batch_size, self.max_batch_tokens // max(longest, 1)))
                 chunk = flat[start:start + n]
-                emb = self.encoder.forward(self.encoder.collate([t for _, _, t in chunk])).float().cpu()
+                emb = self.encoder.checked(self.encoder.forward(self.encoder.collate([t for _, _, t in chunk])).float()).cpu()
                 for row, (job, i, _) in enumerate(chunk):
                     job.result[i] = emb[row]
                 self.batches += 1

@@ -244,6 +244,28 @@ def test_instruction_longer_than_max_length_is_an_error():
         enc.encode([("word " * 50, "text")])
 
 
+def test_non_finite_embeddings_are_an_error_naming_the_dtype():
+    enc = tiny_encoder().half()
+    with torch.no_grad():  # an fp16 overflow in the MLP, as some models hit in fp16
+        for proj in (enc.model.layers[0].mlp.up_proj, enc.model.layers[0].mlp.down_proj):
+            proj.weight.fill_(6e4)
+    with pytest.raises(FloatingPointError, match=r"non-finite.*torch.float16.*dtype='float32'"):
+        enc.encode(TEXTS)
+    enc = tiny_encoder()
+    with torch.no_grad():
+        enc.model.norm.weight[3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite.*float32.*weights"):
+        enc.encode(TEXTS)
+    from l2v.serve import MicroBatcher
+
+    batcher = MicroBatcher(enc, batch_wait_ms=1)
+    try:
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            batcher.encode_sync([enc.tokenize_one(t) for t in TEXTS], timeout=30)
+    finally:
+        batcher.stop()
+
+
 def test_similarity_matrix():
     enc = tiny_encoder()
     v = enc.encode(TEXTS)
