@@ -69,9 +69,11 @@ def atomic_directory(target: str | os.PathLike, fsync: bool = False) -> Iterator
 def iter_lines(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, line)`` (1-based, line ending removed), streaming.
 
-    A line that is not UTF-8 raises ``error("path:N: not UTF-8 text ...")`` instead of a codec traceback.
+    A line that is not UTF-8 raises ``error("path:N: not UTF-8 text ...")`` instead of a codec traceback. A leading
+    byte-order mark (files saved by Windows editors) is dropped: it would otherwise break line 1's JSON or become
+    part of the first text.
     """
-    with open(path, encoding="utf-8", newline="") as fh:
+    with open(path, encoding="utf-8-sig", newline="") as fh:
         lineno = 0
         while True:
             try:

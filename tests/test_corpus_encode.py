@@ -133,3 +133,14 @@ def test_settings_mismatch_and_bad_input(setup, tmp_path):
         encode_corpus(enc, _job(txt, tmp_path / "w", worker=2, num_workers=2), progress=False)
     with pytest.raises(FileNotFoundError, match="no such input"):
         encode_corpus(enc, _job(tmp_path / "nope.txt", tmp_path / "n"), progress=False)
+
+
+def test_byte_order_mark_is_not_part_of_the_first_row(setup, tmp_path):
+    """Windows editors save UTF-8 with a BOM: line 1 must still parse as JSON and embed like the plain text."""
+    d, model, corpus, enc = setup
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf{"id": "a", "text": "hello world"}\n{"id": "b", "text": "bye"}\n')
+    encode_corpus(enc, _job(src, tmp_path / "o"), progress=False)
+    ids, vecs = load_corpus_embeddings(tmp_path / "o")
+    assert ids == ["a", "b"]
+    np.testing.assert_allclose(vecs[0], enc.encode(["hello world"])[0], atol=1e-5)
