@@ -80,6 +80,24 @@ def test_encode_file_and_stdin_jsonl(model_dir, tmp_path, monkeypatch):
     assert np.load(out2).shape == (3, 32)
 
 
+def test_encode_rows_are_lines(model_dir, tmp_path, monkeypatch):
+    """One row per line: U+2028 / form feeds inside a text do not split it (valid jsonl keeps them unescaped),
+    and a byte-order mark is not part of the first text."""
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(("\ufeff" + json.dumps({"text": "one\u2028still one"}, ensure_ascii=False) + "\n"
+                     + json.dumps({"text": "two"}) + "\n").encode())
+    out = tmp_path / "v.jsonl"
+    assert main(["encode", "-i", str(src), "-m", model_dir, "-o", str(out), "-q", "--dtype", "float32"]) == 0
+    assert [json.loads(x)["text"] for x in out.read_text().splitlines()] == ["one\u2028still one", "two"]
+    txt = tmp_path / "in.txt"
+    txt.write_bytes("\ufeffpage\x0cbreak\r\nsecond\n".encode())
+    assert main(["encode", "-i", str(txt), "-m", model_dir, "-o", str(out), "-q", "--dtype", "float32"]) == 0
+    assert [json.loads(x)["text"] for x in out.read_text().splitlines()] == ["page\x0cbreak", "second"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("a\u2028b\nc\n"))
+    assert main(["encode", "-m", model_dir, "-o", str(out), "-q", "--dtype", "float32"]) == 0
+    assert [json.loads(x)["text"] for x in out.read_text().splitlines()] == ["a\u2028b", "c"]
+
+
 def test_encode_errors_are_one_line(model_dir, tmp_path, capsys):
     assert main(["encode", "-i", str(tmp_path / "nope.txt"), "-m", model_dir]) == 2
     assert "nope.txt: no such file" in capsys.readouterr().err

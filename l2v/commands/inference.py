@@ -55,22 +55,27 @@ COMPILE_HELP = ("torch.compile the model first (a one-time compile of 0.5-2 min 
 
 def read_texts(args_texts: list[str], path: str | None, field: str = "text") -> list[str]:
     """Texts from arguments, a file (.txt one per line, .jsonl with ``field``) or stdin ('-')."""
+    from ..io import iter_lines
+
     if args_texts:
         return list(args_texts)
     if path is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise ValueError("no input: give texts as arguments, --input FILE, or pipe lines on stdin.")
         path = "-"
+    # Lines end at \n / \r only (as in encode-corpus): str.splitlines() would also split inside a text at U+2028,
+    # form feeds etc., shifting rows and breaking valid jsonl whose strings hold them unescaped.
     if path == "-":
-        lines, name = sys.stdin.read().splitlines(), "<stdin>"
-    else:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"{path}: no such file.")
         try:
-            lines, name = p.read_text(encoding="utf-8").splitlines(), path
+            text = sys.stdin.read()
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
+            raise ValueError(f"<stdin>: not UTF-8 text ({exc.reason}).") from exc
+        lines, name = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n"), "<stdin>"
+    else:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: " + ("is a directory; give a file." if Path(path).is_dir()
+                                                   else "no such file."))
+        lines, name = [line for _, line in iter_lines(path)], path
     if name.endswith(".jsonl"):
         out = []
         for n, line in enumerate(lines, 1):
