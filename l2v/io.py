@@ -84,3 +84,9 @@ def iter_lines(path: str | os.PathLike, error: type[Exception] = ValueError) -> 
                 return
             lineno += 1
             yield lineno, line.rstrip("\r\n")
+
+
+def split_lines(text: str) -> list[str]:
+    """``text``'s lines as :func:`iter_lines` reads them: split at \\n, \\r\\n and \\r only (``str.splitlines`` also
+    splits at U+2028, form feeds ..., which may sit inside a text or a JSON string), leading BOM dropped."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")

@@ -55,7 +55,7 @@ COMPILE_HELP = ("torch.compile the model first (a one-time compile of 0.5-2 min 
 
 def read_texts(args_texts: list[str], path: str | None, field: str = "text") -> list[str]:
     """Texts from arguments, a file (.txt one per line, .jsonl with ``field``) or stdin ('-')."""
-    from ..io import iter_lines
+    from ..io import iter_lines, split_lines
 
     if args_texts:
         return list(args_texts)
@@ -70,7 +70,7 @@ def read_texts(args_texts: list[str], path: str | None, field: str = "text") -> 
             text = sys.stdin.read()
         except UnicodeDecodeError as exc:
             raise ValueError(f"<stdin>: not UTF-8 text ({exc.reason}).") from exc
-        lines, name = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n"), "<stdin>"
+        lines, name = split_lines(text), "<stdin>"
     else:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: " + ("is a directory; give a file." if Path(path).is_dir()

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..io import split_lines
 from .tasks import (
     ClassificationTask,
     ClusteringTask,
@@ -60,7 +61,7 @@ def read_records(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     rows: list[dict] = []
     if suffix in (".jsonl", ".json"):
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(split_lines(text), 1):
             if not line.strip():
                 continue
             try:
@@ -74,7 +75,7 @@ def read_records(path: Path) -> list[dict]:
         return rows
     if suffix in (".tsv", ".csv", ".txt"):
         delimiter = "," if suffix == ".csv" else "\t"
-        reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t"
+        reader = csv.reader(split_lines(text), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t"
                             else csv.QUOTE_MINIMAL)
         header: list[str] | None = None
         for lineno, fields in enumerate(reader, 1):

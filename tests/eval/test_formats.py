@@ -105,3 +105,14 @@ def test_bad_inputs(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no task data found"):
         load_task(empty)
+
+
+def test_records_are_lines(tmp_path):
+    """U+2028 (legal unescaped in JSON) and form feeds stay inside their row; a BOM does not break line 1."""
+    src = tmp_path / "sts.jsonl"
+    src.write_bytes(("\ufeff" + json.dumps({"sentence1": "a\u2028b", "sentence2": "c\x0cd", "score": 1},
+                                           ensure_ascii=False) + "\n").encode())
+    assert [(r["sentence1"], r["sentence2"], r["__line__"]) for r in read_records(src)] == [("a\u2028b", "c\x0cd", 1)]
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_bytes("\ufeffsentence1\tsentence2\tscore\r\nx\u2028y\tz\t2\r\n".encode())
+    assert [(r["sentence1"], r["score"]) for r in read_records(tsv)] == [("x\u2028y", "2")]
