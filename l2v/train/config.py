@@ -81,11 +81,17 @@ class TrainConfig:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"{path}: no such config file (JSON or YAML).")
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
         if p.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path}: invalid YAML ({' '.join(str(exc).split())}).") from exc
         else:
             try:
                 data = json.loads(text)
@@ -104,6 +110,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
                              f"known: {', '.join(sorted(names))}.")
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            data[name] = _typed(value, hints[name], f"{source}: {name}")
         cfg = cls(**data)
         cfg.validate()
         return cfg
@@ -128,12 +137,15 @@ class TrainConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if allow_zero else 1):
                 raise ValueError(f"{name} must be an integer >= {0 if allow_zero else 1}, got {v!r}.")
 
-        for name in ("steps", "batch_size", "grad_accum", "lora_r", "max_length", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length", "log_every"):
             positive(name)
         for name in ("warmup_steps", "save_every", "val_size", "eval_every", "keep_checkpoints"):
             positive(name, allow_zero=True)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}.")
+        from ..pooling import check_pooling
+
+        check_pooling(self.pooling)  # before the model loads, not at the first forward pass
         if self.schedule not in ("linear", "constant"):
             raise ValueError(f"schedule must be 'linear' or 'constant', got {self.schedule!r}.")
         if not 0 <= self.lora_dropout < 1:
@@ -188,6 +200,25 @@ def _base_type(tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0] if args else str
     return tp
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against a field's type: a file's ``"false"`` must not pass as a (truthy) bool, and YAML
+    reads ``3e-5`` (no dot) as a string, so numeric strings are accepted for float fields."""
+    tp = _base_type(hint)
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp not in (bool, int, float, str) or (isinstance(value, tp) and (tp is bool or not isinstance(value, bool))):
+        return value
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+    raise ValueError(f"{where} must be {kind}, got {value!r}.")
 
 
 def _parse_bool(text: str) -> bool:

@@ -48,3 +48,24 @@ def test_bad_inputs_are_one_line_errors(tiny_dir, tmp_path, capsys):
                    *COMMON])
         err = capsys.readouterr().err
         assert rc == 2 and message in err, err
+
+
+def test_config_file_values_are_type_checked(tmp_path, capsys):
+    """A config file's value of the wrong type is a one-line error naming file and field (a JSON "false" used to
+    pass as a truthy bool); broken YAML is a one-line error, not a yaml traceback; YAML's 3e-5 (a string to
+    PyYAML) is read as the number it means; pooling and lora_alpha are checked before any model loads."""
+    cases = {"c1.json": ('{"bidirectional": "false"}', "c1.json: bidirectional must be true or false, got 'false'"),
+             "c2.json": ('{"lora_alpha": "32"}', "c2.json: lora_alpha must be an integer, got '32'"),
+             "c3.yaml": ("lr: fast\n", "c3.yaml: lr must be a number, got 'fast'"),
+             "c4.yaml": (": :\n  - x\n", "c4.yaml: invalid YAML"),
+             "c5.yaml": ("pooling: cls\n", "pooling='cls' is not supported"),
+             "c6.yaml": ("lora_alpha: 0\n", "lora_alpha must be an integer >= 1")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert main(["train", "simcse", "--config", str(tmp_path / name), "--print-config"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "ok.yaml").write_text("lr: 3e-5\nscale: 20\nmax_texts: null\nmerge: true\n", encoding="utf-8")
+    assert main(["train", "simcse", "--config", str(tmp_path / "ok.yaml"), "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["lr"], cfg["scale"], cfg["max_texts"], cfg["merge"]) == (3e-5, 20.0, None, True)
