@@ -149,3 +149,15 @@ def test_info_default_model(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["model_type"] == "llama" and info["layers"] == 30 and info["hidden_size"] == 576
     assert info["bidirectional_supported"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["encode", "x", "--max-length", "0"], "argument --max-length: must be >= 1, got 0"),  # was: silently 512
+    (["eval", "--max-length", "-3"], "argument --max-length: must be >= 1, got -3"),
+    (["serve", "--port", "99999"], "argument --port: must be in [0, 65535], got 99999"),  # was: socket traceback
+    (["serve", "--port", "http"], "argument --port: expected an integer, got 'http'"),
+])
+def test_bad_numbers_rejected_before_loading(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -10,6 +10,23 @@ from pathlib import Path
 MODEL_HELP = "model: 'smollm2-135m' (embedded default), a local directory, an l2v encoder directory, or a hub id"
 
 
+def int_in(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high], rejected while parsing, before any model loads. ``--max-length 0``
+    was read as 'unset' (the default 512), and ``--port 99999`` failed in a socket traceback after loading."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}"
+                                             f", got {value}")
+        return value
+
+    return parse
+
+
 def add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     """Options shared by every command that loads an encoder."""
     if positional:
@@ -20,7 +37,7 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("--pooling", default=None, choices=["mean", "weighted_mean", "last_token", "eos", "bos"],
                    help="pooling over the text's tokens (default: from l2v_config.json, else mean)")
     p.add_argument("--causal", action="store_true", help="keep causal attention (ablation); default bidirectional")
-    p.add_argument("--max-length", type=int, default=None, help="max tokens per text (default 512)")
+    p.add_argument("--max-length", type=int_in(1), default=None, help="max tokens per text (default 512)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bf16 where the CPU/GPU runs it natively, else fp32")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")

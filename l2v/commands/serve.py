@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .inference import add_model_args, load_from_args
+from .inference import add_model_args, int_in, load_from_args
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "otherwise.")
     add_model_args(p, positional=True)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_in(0, 65535), default=8000)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $L2V_API_KEY; none when unset)")
     p.add_argument("--served-name", default=None, help="model id reported to clients (default: MODEL)")
