@@ -161,3 +161,18 @@ def test_bad_numbers_rejected_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_encode_output_directory_fails_early_and_leaves_nothing(model_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "v.npy").mkdir()
+    assert main(["encode", "x", "-m", model_dir, "-o", str(tmp_path / "v.npy"), "-q"]) == 2
+    assert "v.npy: is a directory" in capsys.readouterr().err
+    out = tmp_path / "w.npy"
+    out.write_bytes(b"keep")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("numpy.save", full_disk)
+    assert main(["encode", "x", "-m", model_dir, "-o", str(out), "-q", "--dtype", "float32"]) == 2
+    assert out.read_bytes() == b"keep" and sorted(p.name for p in tmp_path.iterdir()) == ["v.npy", "w.npy"]

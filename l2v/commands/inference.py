@@ -116,19 +116,20 @@ def cmd_encode(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix not in (".npy", ".jsonl"):
         raise ValueError(f"--output {args.output}: use a .npy or .jsonl file name.")
+    if out.is_dir():  # found now, not after encoding everything
+        raise IsADirectoryError(f"--output {args.output}: is a directory; give a .npy or .jsonl file name.")
     enc = load_from_args(args)
     vecs = enc.encode(texts, instruction=args.instruction, batch_size=args.batch_size, normalize=args.normalize,
                       show_progress_bar=not args.quiet)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if out.suffix == ".npy":
-        with open(tmp, "wb") as fh:
+    from ..io import atomic_file
+
+    # the temporary file is removed if writing or the final rename fails (disk full, Ctrl-C)
+    with atomic_file(out, "wb" if out.suffix == ".npy" else "w") as fh:
+        if out.suffix == ".npy":
             np.save(fh, vecs)
-    else:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        else:
             for t, v in zip(texts, vecs, strict=True):
                 fh.write(json.dumps({"text": t, "embedding": [round(float(x), 7) for x in v]}) + "\n")
-    tmp.replace(out)
     if not args.quiet:
         print(f"wrote {len(texts)} embeddings of dim {vecs.shape[1] if vecs.ndim == 2 else 0} to {out}",
               file=sys.stderr)
