@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"l2v {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError" or os.environ.get("L2V_DEBUG"):
+            raise
+        # safetensors' own error type (not an OSError) for a truncated or corrupt weights file: bad input too
+        print(f"l2v {args.command}: error: a .safetensors weights file is corrupt or truncated ({exc}); "
+              "download or save the model again.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -176,3 +176,15 @@ def test_encode_output_directory_fails_early_and_leaves_nothing(model_dir, tmp_p
     monkeypatch.setattr("numpy.save", full_disk)
     assert main(["encode", "x", "-m", model_dir, "-o", str(out), "-q", "--dtype", "float32"]) == 2
     assert out.read_bytes() == b"keep" and sorted(p.name for p in tmp_path.iterdir()) == ["v.npy", "w.npy"]
+
+
+def test_corrupt_weights_file_is_one_line(model_dir, tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(model_dir, bad)
+    (bad / "model.safetensors").write_bytes(Path(model_dir, "model.safetensors").read_bytes()[:5])
+    assert main(["encode", "x", "-m", str(bad), "-o", str(tmp_path / "v.npy"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "safetensors weights file is corrupt or truncated" in err and "Traceback" not in err
