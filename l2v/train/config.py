@@ -73,6 +73,9 @@ class TrainConfig:
     merge: bool = False
     """Also write the adapter merged into full weights (safetensors), loadable without peft."""
     resume: bool = False
+    overwrite: bool = False
+    """Train into an --output-dir that holds an earlier run, replacing it (its checkpoints are removed first).
+    Without it l2v refuses, so a finished encoder is never replaced by accident."""
     progress: bool = True
 
     # ------------------------------------------------------------------ io
@@ -152,6 +155,9 @@ class TrainConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.max_length < 8:
             raise ValueError(f"max_length must be >= 8, got {self.max_length}.")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite contradict each other: resume continues the run in output_dir, "
+                             "overwrite replaces it; pass one.")
         if self.compile and self.gradient_checkpointing:
             raise ValueError("compile and gradient_checkpointing cannot be combined: transformers' checkpointing "
                              "breaks the compiled graph, so the layers would run eagerly; use compile for speed or "

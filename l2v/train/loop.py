@@ -27,6 +27,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -233,10 +234,7 @@ def train(
 
     cfg.validate()
     run_dir = Path(cfg.output_dir)
-    existing = checkpoint_dirs(run_dir)
-    if existing and not cfg.resume:
-        raise TrainingError(f"{run_dir}: already holds checkpoints (latest {existing[-1].name}); pass --resume to "
-                            "continue that run, or choose another --output-dir.")
+    existing = _check_run_dir(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -274,6 +272,7 @@ def train(
     start_step = 0
     resumed_from = None
     if cfg.resume and existing:
+        _warn_changed_config(run_dir, cfg)
         resumed_from = existing[-1]
         start_step = load_checkpoint(resumed_from, objective, optimizer, scheduler)
         _say(cfg, f"resuming from {resumed_from} (step {start_step}/{cfg.steps})")
@@ -376,6 +375,49 @@ def train(
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     _say(cfg, f"saved encoder to {run_dir}")
     return summary
+
+
+# Fields that may differ when a run is resumed: how long it runs, how it is logged and saved, where it runs.
+_RESUMABLE_CHANGES = {"steps", "save_every", "keep_checkpoints", "log_every", "eval_every", "progress", "resume",
+                      "overwrite", "threads", "device", "compile", "merge", "output_dir"}
+
+
+def _check_run_dir(run_dir: Path, cfg: TrainConfig) -> list[Path]:
+    """The run's checkpoints, after refusing to replace an earlier run unless ``cfg.overwrite`` says so.
+
+    A finished run without checkpoints (trained without --save-every) is only recognisable by its summary.json;
+    training into it again would silently replace its encoder. ``overwrite`` removes the old checkpoints, so a
+    later --resume cannot pick one of the replaced run's.
+    """
+    existing = checkpoint_dirs(run_dir)
+    finished = (run_dir / "summary.json").is_file()
+    if cfg.overwrite:
+        if existing:
+            shutil.rmtree(run_dir / CHECKPOINTS)
+        return []
+    if existing and not cfg.resume:
+        raise TrainingError(f"{run_dir}: already holds checkpoints (latest {existing[-1].name}); pass --resume to "
+                            "continue that run, --overwrite to replace it, or choose another --output-dir.")
+    if finished and not existing:
+        what = ("--resume: it has no checkpoint to resume from (trained without --save-every)" if cfg.resume
+                else "training again would replace its encoder")
+        raise TrainingError(f"{run_dir}: holds a finished run (summary.json); {what}. Choose another "
+                            "--output-dir, or pass --overwrite to replace it.")
+    return existing
+
+
+def _warn_changed_config(run_dir: Path, cfg: TrainConfig) -> None:
+    """Resuming replays the saved data order and optimizer state; say which settings differ from the saved run."""
+    try:
+        saved = json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    now = cfg.to_dict()
+    changed = sorted(k for k, v in now.items() if k in saved and k not in _RESUMABLE_CHANGES and saved[k] != v)
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        msg = f"--resume: settings differ from the run being resumed ({detail}); the result is not that run's."
+        warnings.warn(msg, stacklevel=3)
 
 
 class _NoLog:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,42 @@ def test_existing_checkpoints_need_resume(tiny_dir, corpus, tmp_path):
     L.train(cfg, MNTPObjective())
     with pytest.raises(L.TrainingError, match="--resume"):
         L.train(cfg, MNTPObjective())
+
+
+def test_a_finished_run_is_never_replaced_without_overwrite(tiny_dir, corpus, tmp_path):
+    cfg = mntp_cfg(tiny_dir, corpus, tmp_path / "run", steps=2)  # no --save-every: no checkpoints
+    L.train(cfg, MNTPObjective())
+    run = tmp_path / "run"
+    adapter = {p.name: p.read_bytes() for p in (run / "adapter").iterdir() if p.is_file()}
+    with pytest.raises(L.TrainingError, match="finished run.*--overwrite"):
+        L.train(cfg, MNTPObjective())
+    with pytest.raises(L.TrainingError, match="no checkpoint to resume"):
+        L.train(cfg.replace(resume=True), MNTPObjective())
+    assert {p.name: p.read_bytes() for p in (run / "adapter").iterdir() if p.is_file()} == adapter
+    with pytest.raises(ValueError, match="contradict"):
+        cfg.replace(resume=True, overwrite=True)
+    out = L.train(cfg.replace(overwrite=True, seed=7), MNTPObjective())
+    assert out["resumed_from"] == "" and json.loads((run / L.RUN_CONFIG).read_text())["seed"] == 7
+
+
+def test_overwrite_removes_the_replaced_runs_checkpoints(tiny_dir, corpus, tmp_path):
+    cfg = mntp_cfg(tiny_dir, corpus, tmp_path / "run", steps=4, save_every=2)
+    L.train(cfg, MNTPObjective())
+    assert [p.name for p in L.checkpoint_dirs(tmp_path / "run")] == ["step-0000004"]
+    L.train(cfg.replace(steps=1, save_every=0, overwrite=True), MNTPObjective())
+    assert L.checkpoint_dirs(tmp_path / "run") == []  # a later --resume cannot pick up the old run's step 4
+
+
+def test_resume_with_changed_settings_warns_naming_them(tiny_dir, corpus, tmp_path):
+    cfg = mntp_cfg(tiny_dir, corpus, tmp_path / "run", steps=2, save_every=1)
+    L.train(cfg, MNTPObjective())
+    with pytest.warns(UserWarning, match=r"lr: 0.005 -> 0.001") as rec:
+        L.train(cfg.replace(resume=True, steps=3, lr=1e-3), MNTPObjective())
+    assert all("steps" not in str(w.message) for w in rec)  # extending a run is what --resume is for
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        L.train(cfg.replace(resume=True, steps=4, lr=1e-3), MNTPObjective())  # as saved by the last resume
+    assert not [w for w in rec if "--resume" in str(w.message)]
 
 
 def test_failed_checkpoint_write_keeps_last_good_one(tiny_dir, corpus, tmp_path, monkeypatch):
