@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import atomic_file, iter_lines
+from .io import atomic_file, check_output_dir, iter_lines
 
 MANIFEST = "corpus.json"
 INDEX = "index.json"
@@ -66,11 +66,13 @@ class CorpusJob:
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}.")
         if self.num_workers < 1 or not 0 <= self.worker < self.num_workers:
-            raise ValueError(f"--worker {self.worker} must be in [0, --num-workers={self.num_workers}).")
+            raise ValueError(f"--worker {self.worker} must be in [0, --num-workers={self.num_workers})." if
+                             self.num_workers >= 1 else f"--num-workers must be >= 1, got {self.num_workers}.")
         if self.out_dtype not in ("float32", "float16"):
             raise ValueError(f"--out-dtype must be float32 or float16, got {self.out_dtype!r}.")
         if not Path(self.input).is_file():
             raise FileNotFoundError(f"{self.input}: no such input file.")
+        check_output_dir(self.outdir, "OUTDIR")
 
     def settings(self) -> dict[str, Any]:
         """What determines the output (a resume must match it); workers and limits may differ between runs."""

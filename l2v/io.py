@@ -66,6 +66,18 @@ def atomic_directory(target: str | os.PathLike, fsync: bool = False) -> Iterator
         raise
 
 
+def check_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """``path`` as a directory to write into: an error naming ``option`` if a file (or the parent is one).
+
+    Checked before any model loads; ``mkdir`` would otherwise fail later with a bare "[Errno 17] File exists".
+    """
+    p = Path(path)
+    for part in (p, *p.parents):
+        if part.exists() and not part.is_dir():
+            raise NotADirectoryError(f"{option} {path}: {part} is a file, not a directory.")
+    return p
+
+
 def iter_lines(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, line)`` (1-based, line ending removed), streaming.
 

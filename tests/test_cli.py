@@ -143,17 +143,35 @@ def test_info_reports_bidirectional_support(model_dir, capsys):
     assert "glibc thresholds set" in info["cpu_allocator"] or info["cpu_allocator"].startswith("left alone (")
 
 
+def test_info_embedding_dim_follows_opts_output_projection(tmp_path, capsys):
+    import transformers as tf
+    from tiny import VOCAB, tiny_tokenizer
+
+    cfg = tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+                       word_embed_proj_dim=16, max_position_embeddings=64)
+    tf.OPTForCausalLM(cfg).save_pretrained(tmp_path / "opt")
+    tiny_tokenizer().save_pretrained(tmp_path / "opt")
+    assert main(["info", str(tmp_path / "opt"), "--json", "--no-check"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["hidden_size"] == 32 and info["embedding_dim"] == 16
+
+
 @pytest.mark.slow
 def test_info_default_model(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["model_type"] == "llama" and info["layers"] == 30 and info["hidden_size"] == 576
+    assert info["embedding_dim"] == 576
     assert info["bidirectional_supported"] is True
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["encode", "x", "--max-length", "0"], "argument --max-length: must be >= 1, got 0"),  # was: silently 512
-    (["eval", "--max-length", "-3"], "argument --max-length: must be >= 1, got -3"),
+    (["encode", "x", "--max-length", "0"], "argument --max-length: must be >= 4, got 0"),  # was: silently 512
+    (["eval", "--max-length", "-3"], "argument --max-length: must be >= 4, got -3"),
+    (["encode", "x", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),  # was: after loading
+    (["eval", "--batch-size", "-1"], "argument --batch-size: must be >= 1, got -1"),
+    (["encode-corpus", "in.txt", "out", "--num-workers", "0"], "argument --num-workers: must be >= 1, got 0"),
+    (["encode-corpus", "in.txt", "out", "--worker", "-1"], "argument --worker: must be >= 0, got -1"),
     (["serve", "--port", "99999"], "argument --port: must be in [0, 65535], got 99999"),  # was: socket traceback
     (["serve", "--port", "http"], "argument --port: expected an integer, got 'http'"),
 ])
@@ -188,3 +206,29 @@ def test_corrupt_weights_file_is_one_line(model_dir, tmp_path, capsys):
     assert main(["encode", "x", "-m", str(bad), "-o", str(tmp_path / "v.npy"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "safetensors weights file is corrupt or truncated" in err and "Traceback" not in err
+
+
+def test_output_directories_that_are_files_fail_before_loading(tmp_path, capsys, monkeypatch):
+    import l2v.commands.inference as inference
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(inference, "load_from_args", no_load)
+    monkeypatch.setattr("l2v.commands.corpus.load_from_args", no_load)
+    monkeypatch.setattr("l2v.commands.serve.load_from_args", no_load)
+    taken = tmp_path / "taken"
+    taken.write_text("mine", encoding="utf-8")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a\n", encoding="utf-8")
+    for argv in (["encode-corpus", str(corpus), str(taken)], ["encode-corpus", str(corpus), str(taken / "sub")],
+                 ["export", "m", str(taken)], ["eval", "m", "-o", str(taken)], ["report", "r.json", "-o", str(taken)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{taken} is a file, not a directory" in err and "Errno" not in err, (argv, err)
+    assert taken.read_text(encoding="utf-8") == "mine"
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x", encoding="utf-8")
+    assert main(["export", "m", str(full)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and (full / "keep.txt").is_file()

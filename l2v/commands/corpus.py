@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from .inference import COMPILE_HELP, add_model_args, load_from_args
+from .inference import COMPILE_HELP, add_model_args, int_in, load_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,14 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--id-field", default="id",
                    help="jsonl: field holding the row id (default: id; rows without it get their line number)")
     p.add_argument("--instruction", default=None, help="instruction prepended to every text (excluded from pooling)")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
-    p.add_argument("--shard-size", type=int, default=10_000, help="rows per shard (default 10000)")
+    p.add_argument("--batch-size", type=int_in(1), default=32, help="texts per forward pass (default 32)")
+    p.add_argument("--shard-size", type=int_in(1), default=10_000, help="rows per shard (default 10000)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--out-dtype", default="float32", choices=["float32", "float16"],
                    help="dtype of the stored embeddings (default float32)")
-    p.add_argument("--worker", type=int, default=None, help="this worker's index (default: $RANK or 0)")
-    p.add_argument("--num-workers", type=int, default=None, help="number of workers (default: $WORLD_SIZE or 1)")
-    p.add_argument("--max-shards", type=int, default=None,
+    p.add_argument("--worker", type=int_in(0), default=None, help="this worker's index (default: $RANK or 0)")
+    p.add_argument("--num-workers", type=int_in(1), default=None, help="number of workers (default: $WORLD_SIZE or 1)")
+    p.add_argument("--max-shards", type=int_in(1), default=None,
                    help="stop after encoding this many shards in this run (resume later)")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip malformed lines (counted in the log) instead of stopping with file:line")

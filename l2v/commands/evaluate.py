@@ -9,7 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from .inference import MODEL_HELP, add_model_args, kernel_kwargs
+from ..io import check_output_dir
+from .inference import MODEL_HELP, add_model_args, int_in, kernel_kwargs
 
 EVAL_MODEL_HELP = MODEL_HELP + "; or 'minilm' / a sentence-transformers folder (baseline)"
 
@@ -55,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.ablation and args.compare:
         raise ValueError("--ablation evaluates one model twice (causal, bidirectional); drop --compare.")
     runs = []
-    out_dir = Path(args.output)
+    out_dir = check_output_dir(args.output, "--output")
     out_dir.mkdir(parents=True, exist_ok=True)
     command = _command_line()
     if args.label and len(specs) > 1:
@@ -87,6 +88,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Result JSON files -> report.md + scores.png (+ ablation.png)."""
     from ..eval.report import load_results, write_report
 
+    check_output_dir(args.output, "--output")
     runs = [r for f in args.results for r in load_results(f)]
     ablation = None
     if args.ablation:
@@ -148,7 +150,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", default=None, help="name of this run in tables and plots (e.g. +MNTP); "
                    "single model only")
     p.add_argument("--output", "-o", default="eval-results", help="folder for JSON results (default eval-results)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int_in(1), default=128)
     p.add_argument("--no-cache", action="store_true", help="embed every request afresh (no per-run text cache)")
     p.add_argument("--json", action="store_true", help="print the results JSON instead of a table")
     p.add_argument("--list", action="store_true", help="list the offline suite tasks and exit")

@@ -37,9 +37,9 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("--pooling", default=None, choices=["mean", "weighted_mean", "last_token", "eos", "bos"],
                    help="pooling over the text's tokens (default: from l2v_config.json, else mean)")
     p.add_argument("--causal", action="store_true", help="keep causal attention (ablation); default bidirectional")
-    p.add_argument("--max-length", type=int_in(1), default=None, help="max tokens per text (default 512)")
+    p.add_argument("--max-length", type=int_in(4), default=None, help="max tokens per text (default 512)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="auto: bf16 where the CPU/GPU runs it natively, else fp32")
+                   help="auto: bf16 where the CPU/GPU runs it natively, else fp16 on CUDA and fp32 elsewhere")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
     p.add_argument("--no-cpu-kernel", action="store_true",
                    help="bf16 on CPU: use torch's bf16 (every activation rounded to bf16) instead of l2v's kernel "
@@ -181,6 +181,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "model_type": config.model_type,
         "layers": getattr(text_cfg, "num_hidden_layers", None) or getattr(text_cfg, "n_layer", None),
         "hidden_size": getattr(text_cfg, "hidden_size", None) or getattr(text_cfg, "n_embd", None),
+        # the embedding width: OPT projects its output when word_embed_proj_dim differs (opt-350m: 1024 -> 512)
+        "embedding_dim": getattr(text_cfg, "word_embed_proj_dim", None) or getattr(text_cfg, "hidden_size", None)
+        or getattr(text_cfg, "n_embd", None),
         "attention_heads": getattr(text_cfg, "num_attention_heads", None) or getattr(text_cfg, "n_head", None),
         "vocab_size": getattr(text_cfg, "vocab_size", None),
         "max_position_embeddings": getattr(text_cfg, "max_position_embeddings", None),
@@ -245,7 +248,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--field", default="text", help="jsonl field holding the text (default: text)")
     p.add_argument("--output", "-o", default="embeddings.npy", help="output .npy or .jsonl (default embeddings.npy)")
     p.add_argument("--instruction", default=None, help="instruction prepended to every text (not pooled)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int_in(1), default=32)
     p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     p.add_argument("--quiet", "-q", action="store_true")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)

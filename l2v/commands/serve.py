@@ -29,7 +29,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export
+    from ..io import check_output_dir
 
+    out = check_output_dir(args.outdir, "OUTDIR")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # before loading the model
+        raise FileExistsError(f"{out}: exists and is not empty; choose a new directory or pass --overwrite.")
     args.fp32_layers = None  # export writes plain layers (no kernel), so there is no kernel/fp32 split to choose
     encoder = load_from_args(args)
     out = export(encoder, args.outdir, sentence_transformers=not args.no_sentence_transformers,
