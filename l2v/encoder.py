@@ -107,7 +107,9 @@ def normalize_inputs(sentences: Any, instruction: str | None = None) -> tuple[li
         if isinstance(item, str):
             texts.append(item)
             instructions.append(instruction)
-        elif isinstance(item, (list, tuple)):
+        elif isinstance(item, (list, tuple, np.ndarray)):
+            if isinstance(item, np.ndarray):  # a row of a 2-D array of pairs (e.g. from pandas .to_numpy())
+                item = item.tolist()
             if len(item) != 2:
                 raise ValueError(
                     f"sentences[{i}]: expected an (instruction, text) pair of 2 strings, got {len(item)} items."

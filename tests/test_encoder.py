@@ -141,6 +141,8 @@ def test_instruction_argument_and_pairs_agree():
     a = enc.encode(["cats", "dogs"], instruction="Find pets:")
     b = enc.encode([("Find pets:", "cats"), ["Find pets:", "dogs"]])
     np.testing.assert_allclose(a, b, atol=1e-6)
+    c = enc.encode(np.array([["Find pets:", "cats"], ["Find pets:", "dogs"]]))  # rows of a 2-D array are pairs
+    np.testing.assert_allclose(a, c, atol=1e-6)
 
 
 def test_bidirectional_vs_causal_differ():
