@@ -140,6 +140,8 @@ class RerankingTask(Task):
     """Each query ranks its own candidates: MAP (main; MTEB's map_at_1000) and MRR@10.
 
     ``samples``: ``[{"query": str, "positive": [str, ...], "negative": [str, ...]}, ...]`` (MTEB's format).
+    As in MTEB, a sample without a positive or without a negative is not scored (its AP would be 0 or 1 whatever
+    the model does); ``size()`` still counts it.
     """
 
     samples: list[dict] = field(default_factory=list)
@@ -159,20 +161,26 @@ class RerankingTask(Task):
         return {"queries": len(self.samples),
                 "candidates": sum(len(s["positive"]) + len(s["negative"]) for s in self.samples)}
 
+    def scored_samples(self) -> list[dict]:
+        """The samples that are scored: those with at least one positive and one negative (MTEB drops the rest)."""
+        return [s for s in self.samples if s["positive"] and s["negative"]]
+
     def inputs(self) -> list[tuple[str | None, str]]:
-        out = [(self.instruction, s["query"]) for s in self.samples]
-        for s in self.samples:
+        samples = self.scored_samples()
+        out = [(self.instruction, s["query"]) for s in samples]
+        for s in samples:
             out += [(None, t) for t in [*s["positive"], *s["negative"]]]
         return out
 
     def evaluate(self, embed: Embed) -> dict[str, float]:
-        if not self.samples:
+        samples = self.scored_samples()
+        if not samples:
             return {"map": M.NAN, "mrr_at_10": M.NAN}
-        q = embed([s["query"] for s in self.samples], instruction=self.instruction)
-        docs = [t for s in self.samples for t in [*s["positive"], *s["negative"]]]
+        q = embed([s["query"] for s in samples], instruction=self.instruction)
+        docs = [t for s in samples for t in [*s["positive"], *s["negative"]]]
         d = embed(docs, instruction=None)
         qrels, run, offset = {}, {}, 0
-        for i, s in enumerate(self.samples):
+        for i, s in enumerate(samples):
             cands = [*s["positive"], *s["negative"]]
             sims = M.cosine_matrix(q[i:i + 1], d[offset:offset + len(cands)])[0]
             offset += len(cands)
@@ -187,11 +195,8 @@ class RerankingTask(Task):
     def random_map(self) -> float:
         """Expected MAP of a uniformly random ranking (the chance level to compare with)."""
         vals = []
-        for s in self.samples:
+        for s in self.scored_samples():
             n, r = len(s["positive"]) + len(s["negative"]), len(s["positive"])
-            if r == 0:
-                vals.append(0.0)
-                continue
             # E[AP] = sum over ranks k of P(relevant at k) * E[precision at k | relevant at k] / r
             total = 0.0
             for k in range(1, n + 1):

@@ -193,3 +193,19 @@ def test_reranking_random_map_matches_enumeration():
     # two relevant of three: the irrelevant one is at rank 1, 2 or 3 with AP (1/2+2/3)/2, (1+2/3)/2, 1
     two = RerankingTask(name="y", samples=[{"query": "q", "positive": ["a", "b"], "negative": ["c"]}])
     assert two.random_map() == pytest.approx(((1 / 2 + 2 / 3) / 2 + (1 + 2 / 3) / 2 + 1) / 3)
+
+
+def test_reranking_skips_samples_without_positives_or_negatives(trigram):
+    """MTEB drops reranking samples lacking a positive or a negative: they would add AP 0 or 1 whatever the model."""
+    good = {"query": "the cat eats fish", "positive": ["bond markets rallied today"],
+            "negative": ["the cat eats fish", "kittens play with yarn"]}
+    alone = RerankingTask(name="a", samples=[good]).evaluate(EmbeddingCache(trigram))
+    padded = RerankingTask(name="p", samples=[
+        good, {"query": "q", "positive": [], "negative": ["x", "y"]},
+        {"query": "r", "positive": ["z"], "negative": []}])
+    scores = padded.evaluate(EmbeddingCache(trigram))
+    assert scores["map"] == pytest.approx(alone["map"]) and scores["mrr_at_10"] == pytest.approx(alone["mrr_at_10"])
+    assert padded.random_map() == pytest.approx(RerankingTask(name="g", samples=[good]).random_map())
+    assert padded.size() == {"queries": 3, "candidates": 6}
+    assert math.isnan(RerankingTask(name="n", samples=[{"query": "q", "positive": ["z"], "negative": []}])
+                      .evaluate(EmbeddingCache(trigram))["map"])
