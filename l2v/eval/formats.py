@@ -75,10 +75,13 @@ def read_records(path: Path) -> list[dict]:
         return rows
     if suffix in (".tsv", ".csv", ".txt"):
         delimiter = "," if suffix == ".csv" else "\t"
-        reader = csv.reader(split_lines(text), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t"
-                            else csv.QUOTE_MINIMAL)
+        # Lines keep their "\n" so a quoted CSV field may span lines (RFC 4180) and keep its line breaks.
+        reader = csv.reader([line + "\n" for line in split_lines(text)], delimiter=delimiter,
+                            quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
         header: list[str] | None = None
-        for lineno, fields in enumerate(reader, 1):
+        next_line = 1
+        for fields in reader:  # a record starts on the line after the previous one ended (reader.line_num)
+            lineno, next_line = next_line, reader.line_num + 1
             if not fields or not any(f.strip() for f in fields):
                 continue
             if header is None:

@@ -116,3 +116,15 @@ def test_records_are_lines(tmp_path):
     tsv = tmp_path / "pairs.tsv"
     tsv.write_bytes("\ufeffsentence1\tsentence2\tscore\r\nx\u2028y\tz\t2\r\n".encode())
     assert [(r["sentence1"], r["score"]) for r in read_records(tsv)] == [("x\u2028y", "2")]
+
+
+def test_csv_quoted_field_spans_lines(tmp_path):
+    """A quoted CSV field may hold line breaks (RFC 4180): they stay in the text, and line numbers stay true."""
+    src = tmp_path / "data.csv"
+    src.write_text('text,label\n"first line\nsecond line",pos\n"a, b",neg\r\n\nplain,pos\n', encoding="utf-8")
+    rows = read_records(src)
+    assert [(r["text"], r["label"], r["__line__"]) for r in rows] == [
+        ("first line\nsecond line", "pos", 2), ("a, b", "neg", 4), ("plain", "pos", 6)]
+    src.write_text('text,label\n"multi\nline",pos\nbroken\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data\.csv:4: 1 fields"):
+        read_records(src)
