@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +104,11 @@ def _field(row: dict, name: str, path: Path, kind: type = str) -> Any:
                          f"(has: {', '.join(k for k in row if k != '__line__')}).")
     value = row[name]
     try:
-        if kind is float:
-            return float(value)
-        if kind is int:
-            return int(float(value))
+        if kind in (float, int):  # a score or label that is nan / inf / 0.7 would be misread, not rejected
+            number = float(value)
+            if not math.isfinite(number) or (kind is int and not number.is_integer()):
+                raise ValueError
+            return int(number) if kind is int else number
         if kind is str:
             if not isinstance(value, str | int | float):
                 raise TypeError

@@ -128,3 +128,23 @@ def test_csv_quoted_field_spans_lines(tmp_path):
     src.write_text('text,label\n"multi\nline",pos\nbroken\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"data\.csv:4: 1 fields"):
         read_records(src)
+
+
+def test_numbers_are_not_rounded_or_nan(tmp_path):
+    """A 0.7 pair label or a 1.5 qrel was truncated to 0 / 1, and a nan gold score made Spearman nan: rejected."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"sentence1": "a", "sentence2": "b", "label": 0.7},
+                                                   {"sentence1": "a", "sentence2": "c", "label": 1}])
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:1: field 'label' must be int, got 0\.7"):
+        load_task(pairs)
+    write_jsonl(pairs, [{"sentence1": "a", "sentence2": "b", "label": 1.0}, {"sentence1": "a", "sentence2": "c",
+                                                                            "label": "0"}])
+    assert load_task(pairs).labels == [1, 0]
+    sts = tmp_path / "sts.tsv"
+    for bad in ("nan", "inf"):
+        sts.write_text(f"sentence1\tsentence2\tscore\na\tb\t4.5\na\tc\t{bad}\n")
+        with pytest.raises(ValueError, match=rf"sts\.tsv:3: field 'score' must be float, got '{bad}'"):
+            load_task(sts)
+    folder = make_beir(tmp_path / "b")
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1.5\n")
+    with pytest.raises(ValueError, match=r"test\.tsv:2: field 'score' must be int, got '1\.5'"):
+        load_task(folder)
