@@ -152,9 +152,9 @@ def load_beir(folder: Path, split: str = "test", name: str | None = None, instru
     corpus = {}
     for row in read_records(corpus_path):
         doc_id = _field(row, "_id", corpus_path)
-        title = str(row.get("title") or "").strip()
+        title = str(row.get("title") or "")
         text = _field(row, "text", corpus_path)
-        corpus[doc_id] = f"{title} {text}".strip() if title else text
+        corpus[doc_id] = f"{title} {text}".strip()  # MTEB's (title + " " + text).strip(); text.strip() untitled
     queries = {_field(r, "_id", queries_path): _field(r, "text", queries_path) for r in read_records(queries_path)}
     qrels: dict[str, dict[str, int]] = {}
     for row in read_records(qrels_path):

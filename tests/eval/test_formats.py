@@ -148,3 +148,13 @@ def test_numbers_are_not_rounded_or_nan(tmp_path):
     (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1.5\n")
     with pytest.raises(ValueError, match=r"test\.tsv:2: field 'score' must be int, got '1\.5'"):
         load_task(folder)
+
+
+def test_beir_document_text_is_stripped_as_mteb(tmp_path):
+    """MTEB embeds (title + " " + text).strip(), or text.strip() without a title: no stray whitespace tokens."""
+    folder = make_beir(tmp_path / "ws")
+    write_jsonl(folder / "corpus.jsonl", [{"_id": "d1", "title": "Cats ", "text": " the cat eats fish\n"},
+                                          {"_id": "d2", "text": "  stock prices fell\n"},
+                                          {"_id": "d3", "title": None, "text": "x "}])
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    assert load_task(folder).corpus == {"d1": "Cats   the cat eats fish", "d2": "stock prices fell", "d3": "x"}
