@@ -32,6 +32,7 @@ import torch
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' string annotations here
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from .encoder import Encoder, Tokenized
 
@@ -308,6 +309,12 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
     async def api_error(request: Request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        """Unknown paths (404) and methods (405) in OpenAI's error shape too, not FastAPI's ``{"detail": ...}``."""
+        err = APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+
     def authorize(request: Request) -> None:
         if expected_key is None:
             return
@@ -354,11 +361,12 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
                 "dim": encoder.dim, "max_input_tokens": max_tokens, "queued_inputs": batcher.queued if batcher else 0,
                 "forward_passes": batcher.batches if batcher else 0}
 
+    card = {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "l2v"}
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
-                                            "owned_by": "l2v"}]}
+        return {"object": "list", "data": [card]}
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

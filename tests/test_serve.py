@@ -264,3 +264,14 @@ def test_batcher_serves_a_training_mode_encoder_without_dropout(tiny_dir):
         batcher.stop()
     np.testing.assert_array_equal(got[0], got[1])
     np.testing.assert_allclose(got, enc.encode(["same text twice", "same text twice", "another one"]), atol=1e-5)
+
+
+def test_unknown_path_or_method_answers_openai_error_shape(server):
+    """A 404 / 405 from routing is ``{"error": {...}}`` like every other error (was FastAPI's ``{"detail": ...}``)."""
+    r = httpx.get(server[0] + "/v1/embedding", headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404
+    assert r.json()["error"]["message"] == "Not Found: GET /v1/embedding"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(server[0] + "/v1/embeddings", headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+    assert r.json()["error"]["message"] == "Method Not Allowed: GET /v1/embeddings"
