@@ -1,4 +1,4 @@
-"""An OpenAI-compatible embedding server: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health``.
+"""An OpenAI-compatible embedding server: ``POST /v1/embeddings``, ``GET /v1/models[/{id}]``, ``GET /health``.
 
 Requests are tokenised in the request handler (so per-input limits are answered at once) and handed to one
 :class:`MicroBatcher` thread that owns the model: it collects work from concurrent requests for up to
@@ -367,6 +367,15 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
     async def models(request: Request):
         authorize(request)
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        """OpenAI's retrieve-model call (``client.models.retrieve``), which clients use to check a model exists."""
+        authorize(request)
+        if model_id != cfg.model_name:
+            raise APIError(404, f"model {model_id!r} is not served here; this server serves {cfg.model_name!r}.",
+                           param="model", code="model_not_found")
+        return card
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

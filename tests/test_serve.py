@@ -275,3 +275,15 @@ def test_unknown_path_or_method_answers_openai_error_shape(server):
     r = httpx.get(server[0] + "/v1/embeddings", headers={"authorization": f"Bearer {KEY}"})
     assert r.status_code == 405 and "POST" in r.headers["allow"]
     assert r.json()["error"]["message"] == "Method Not Allowed: GET /v1/embeddings"
+
+
+def test_models_retrieve(client, server):
+    """``client.models.retrieve`` (GET /v1/models/{id}) answers the served model, or OpenAI's model_not_found."""
+    m = client.models.retrieve(NAME)
+    assert (m.id, m.object, m.owned_by) == (NAME, "model", "l2v")
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4")
+    assert info.value.body["code"] == "model_not_found"
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.retrieve(NAME)
