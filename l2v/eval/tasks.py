@@ -101,6 +101,8 @@ class RetrievalTask(Task):
     main_score: ClassVar[str] = "ndcg_at_10"
 
     def __post_init__(self) -> None:
+        # MTEB drops a query with no qrels at all (one whose qrels are all 0 stays and scores 0)
+        self.qrels = {q: rels for q, rels in self.qrels.items() if rels}
         missing_q = [q for q in self.qrels if q not in self.queries]
         if missing_q:
             raise ValueError(f"task {self.name!r}: qrels name {len(missing_q)} unknown query ids, e.g. "

@@ -209,3 +209,13 @@ def test_reranking_skips_samples_without_positives_or_negatives(trigram):
     assert padded.size() == {"queries": 3, "candidates": 6}
     assert math.isnan(RerankingTask(name="n", samples=[{"query": "q", "positive": ["z"], "negative": []}])
                       .evaluate(EmbeddingCache(trigram))["map"])
+
+
+def test_retrieval_drops_queries_without_qrels(trigram):
+    """As MTEB: a query with an empty qrels dict is not scored (it counted as 0); all-zero qrels still score 0."""
+    corpus = {f"d{i}": t for i, t in enumerate(ANIMALS + MONEY)}
+    queries = {"q": "the cat eats fish", "empty": "bond markets", "zero": "stock prices"}
+    task = RetrievalTask(name="r", corpus=corpus, queries=queries, qrels={"q": {"d4": 1}, "empty": {}})
+    assert task.size()["queries"] == 1 and task.evaluate(EmbeddingCache(trigram))["ndcg_at_10"] == pytest.approx(1.0)
+    zero = RetrievalTask(name="z", corpus=corpus, queries=queries, qrels={"q": {"d4": 1}, "zero": {"d1": 0}})
+    assert zero.evaluate(EmbeddingCache(trigram))["ndcg_at_10"] == pytest.approx(0.5)
