@@ -170,12 +170,15 @@ def build_trainable(
     if lm_head:
         full = AutoModelForCausalLM.from_pretrained(start.weights_path, **kwargs)
         if new_tokens:
+            n_real = len(tokenizer)
             tokenizer.add_special_tokens({"additional_special_tokens": list(new_tokens)})
-            old = full.get_input_embeddings().weight.shape[0]
-            full.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            rows = full.get_input_embeddings().weight.shape[0]
+            if len(tokenizer) > rows:  # a padded vocabulary (e.g. Qwen's) already has rows for the new ids
+                full.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             with torch.no_grad():
                 emb = full.get_input_embeddings().weight
-                emb[old:] = emb[:old].mean(0, keepdim=True)
+                new_ids = tokenizer.convert_tokens_to_ids(list(new_tokens))
+                emb[new_ids] = emb[:min(rows, n_real)].mean(0, keepdim=True)
         base = full.base_model
         head = full.get_output_embeddings()
         if head is None:
@@ -231,8 +234,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_encoder_dir(out: str | Path, encoder: Encoder, start: StartPoint, cfg: Any,
-                     extra: dict[str, Any] | None = None, vocab_size: int | None = None) -> Path:
+                     extra: dict[str, Any] | None = None) -> Path:
     """Write an l2v encoder directory: earlier adapters copied in, the new adapter, ``l2v_config.json``.
+
+    The adapter holds the LoRA weights only: the embeddings are frozen, and a token added for training (MNTP's
+    ``--mask-token new``) is never seen at inference, so the adapter must fit the unresized base model.
 
     With ``cfg.merge`` the directory instead holds full merged weights (safetensors) + tokenizer, and the
     adapters stay beside them for reference (not applied again on load).
@@ -246,7 +252,7 @@ def save_encoder_dir(out: str | Path, encoder: Encoder, start: StartPoint, cfg: 
         _replace_dir(Path(src), out / name)
         adapters.append(name)
     with atomic_directory(out / ADAPTER_DIR) as tmp:
-        net.save_pretrained(str(tmp), safe_serialization=True)
+        net.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
     adapters.append(ADAPTER_DIR)
     info = {"trained_with": "l2v", **(extra or {})}
     L2VConfig(base_model=start.base_model, adapter=adapters[0] if len(adapters) == 1 else adapters,
@@ -256,9 +262,6 @@ def save_encoder_dir(out: str | Path, encoder: Encoder, start: StartPoint, cfg: 
     if cfg.merge:
         # Merge from the saved adapters into fp32 base weights (the training copy may be bf16).
         merged = Encoder.from_pretrained(str(out), dtype="float32", device="cpu")
-        net = merged.model
-        if vocab_size is not None and net.get_input_embeddings().weight.shape[0] != vocab_size:
-            net.resize_token_embeddings(vocab_size)
         merged.save_pretrained(out, **info, adapters_merged=adapters)
     return out
 

@@ -78,7 +78,6 @@ class MNTPObjective(Objective):
         self.cfg = cfg
         new = [NEW_MASK_TOKEN] if cfg.mask_token == "new" else None
         self.encoder, self.head, self.start = build_trainable(cfg, lm_head=True, device=device, new_tokens=new)
-        self.vocab_size = len(self.encoder.tokenizer) - (1 if new else 0)
         self.model = self.encoder
         tok = self.encoder.tokenizer
         self.mask_id = resolve_mask_id(tok, cfg.mask_token)
@@ -124,7 +123,7 @@ class MNTPObjective(Objective):
         return {"val_loss": total_loss / max(count, 1), "val_acc": correct / max(count, 1)}
 
     def save(self, out_dir: Path) -> None:
-        save_encoder_dir(out_dir, self.encoder, self.start, self.cfg, vocab_size=self.vocab_size,
+        save_encoder_dir(out_dir, self.encoder, self.start, self.cfg,
                          extra={"objective": "mntp", "mask_token": self.cfg.mask_token,
                                 "mask_fraction": self.cfg.mask_fraction})
 

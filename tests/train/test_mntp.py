@@ -162,3 +162,33 @@ def test_gradient_checkpointing_gives_same_loss(tiny_dir, corpus, tmp_path):
     ga = [p.grad for _, p in a.trainable_parameters()]
     gb = [p.grad for _, p in b.trainable_parameters()]
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb, strict=True))
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_new_mask_token_run_saves_an_encoder_that_loads(tiny_dir, corpus, tmp_path, merge):
+    """The added mask token only exists during training: the saved adapter must fit the unresized base (peft
+    used to save the resized embedding into it, so loading failed, and --merge failed after training)."""
+    obj = MNTPObjective()
+    train(mntp_cfg(tiny_dir, corpus, tmp_path / "run", steps=2, lr=1e-2, mask_token="new", merge=merge), obj)
+    texts = ["A man is playing a guitar.", "Cats are pets."]
+    obj.model.eval()
+    ref = torch.as_tensor(obj.encoder.encode(texts))
+    enc = Encoder.from_pretrained(str(tmp_path / "run"), device="cpu", dtype="float32")
+    assert torch.allclose(torch.as_tensor(enc.encode(texts)), ref, atol=1e-4)
+
+
+def test_new_mask_token_on_a_padded_vocabulary_keeps_the_rows(corpus, tmp_path):
+    """A model with more embedding rows than tokens (Qwen-style padding) is not shrunk to the tokenizer, and the
+    mask token's row is initialised to the mean embedding."""
+    import transformers as tf
+    from tiny import VOCAB, tiny_config, tiny_tokenizer
+
+    cfg = tiny_config("llama")
+    cfg.vocab_size = VOCAB + 16
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").save_pretrained(tmp_path / "padded")
+    tiny_tokenizer().save_pretrained(tmp_path / "padded")
+    obj = _objective(str(tmp_path / "padded"), corpus, tmp_path, mask_token="new")
+    emb = obj.encoder.model.get_input_embeddings().weight
+    assert obj.mask_id == VOCAB and emb.shape[0] == VOCAB + 16
+    assert torch.allclose(emb[obj.mask_id], emb[:VOCAB].mean(0), atol=1e-6)
