@@ -2,9 +2,9 @@
 
 An :class:`Objective` supplies the model, the training examples and the loss; the loop owns everything else:
 seeding, the deterministic data order (so a resumed run sees exactly the batches it would have seen), AdamW with
-warmup, gradient accumulation, autocast, gradient clipping, checkpoints (trainable weights + optimizer +
-scheduler + RNG + data position, written to a temp dir then renamed) and exact ``resume``, a progress bar, and a
-``metrics.jsonl`` / ``train_config.json`` in the run directory.
+warmup, gradient accumulation, autocast (fp16 with loss scaling), gradient clipping, checkpoints (trainable
+weights + optimizer + scheduler + loss scale + RNG + data position, written to a temp dir then renamed) and exact
+``resume``, a progress bar, and a ``metrics.jsonl`` / ``train_config.json`` in the run directory.
 
 Adding an objective::
 
@@ -92,6 +92,15 @@ def autocast_context(dtype: str, device: torch.device) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=resolved)
 
 
+def grad_scaler(dtype: str, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling under fp16 autocast, whose small gradients otherwise underflow to zero in fp16 activations
+    (a bf16 or fp32 run gets a disabled scaler: every call is then a no-op)."""
+    from ..encoder import resolve_dtype
+
+    fp16 = device.type in ("cpu", "cuda") and resolve_dtype(dtype, device) == torch.float16
+    return torch.amp.GradScaler(device.type if fp16 else "cpu", enabled=fp16)
+
+
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     warm, total = cfg.warmup_steps, cfg.steps
 
@@ -151,7 +160,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, objective: Objective, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, keep: int) -> Path:
+                    scheduler: Any, keep: int, scaler: torch.amp.GradScaler | None = None) -> Path:
     """Write a checkpoint to a temp dir, then rename it into place: a crash never leaves a half-written one."""
     from safetensors.torch import save_file
 
@@ -162,14 +171,16 @@ def save_checkpoint(run_dir: Path, step: int, objective: Objective, optimizer: t
         weights = {n: p.detach().to("cpu").contiguous() for n, p in objective.trainable_parameters()}
         save_file(weights, str(tmp / "trainable.safetensors"))
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state()}, tmp / "state.pt")
+                    "scaler": scaler.state_dict() if scaler is not None else {}, "rng": _rng_state()},
+                   tmp / "state.pt")
     if keep:
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(ckpt: Path, objective: Objective, optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+def load_checkpoint(ckpt: Path, objective: Objective, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    scaler: torch.amp.GradScaler | None = None) -> int:
     from safetensors.torch import load_file
 
     weights = load_file(str(ckpt / "trainable.safetensors"))
@@ -187,6 +198,8 @@ def load_checkpoint(ckpt: Path, objective: Objective, optimizer: torch.optim.Opt
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     return int(state["step"])
 
@@ -268,13 +281,14 @@ def train(
         raise TrainingError(f"objective {objective.name!r} has no trainable parameters.")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scaler = grad_scaler(cfg.dtype, device)
 
     start_step = 0
     resumed_from = None
     if cfg.resume and existing:
         _warn_changed_config(run_dir, cfg)
         resumed_from = existing[-1]
-        start_step = load_checkpoint(resumed_from, objective, optimizer, scheduler)
+        start_step = load_checkpoint(resumed_from, objective, optimizer, scheduler, scaler)
         _say(cfg, f"resuming from {resumed_from} (step {start_step}/{cfg.steps})")
     elif cfg.resume:
         _say(cfg, f"--resume: no checkpoint in {run_dir / CHECKPOINTS}; starting from step 0")
@@ -320,23 +334,25 @@ def train(
                 batch = objective.collate([objective.examples[i] for i in idx], batch_generator(cfg.seed, m))
                 with autocast:
                     if own_backward:
-                        loss, extra = own_backward(batch, 1.0 / cfg.grad_accum)
+                        loss, extra = own_backward(batch, scaler.get_scale() / cfg.grad_accum)
                     else:
                         loss, extra = objective.loss(batch)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"step {step + 1}: loss is {loss.item()}; lower --lr or use --dtype "
                                         "float32.")
                 if not own_backward:
-                    (loss / cfg.grad_accum).backward()
+                    scaler.scale(loss / cfg.grad_accum).backward()
                 totals["loss"] = totals.get("loss", 0.0) + loss.item() / cfg.grad_accum
                 for k, v in extra.items():
                     totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
             if hasattr(objective, "sync_gradients"):
                 objective.sync_gradients()
+            scaler.unscale_(optimizer)  # fp16: clip and step on the true gradients (a step with inf/NaN is skipped)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
                                                        else float("inf"))
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -350,7 +366,7 @@ def train(
                     log.write(step=done, split="val", **val)
                 objective.model.train()
             if main and cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                save_checkpoint(run_dir, done, objective, optimizer, scheduler, cfg.keep_checkpoints)
+                save_checkpoint(run_dir, done, objective, optimizer, scheduler, cfg.keep_checkpoints, scaler)
             bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
             if on_step is not None:
@@ -370,7 +386,7 @@ def train(
         return summary
     objective.save(run_dir)
     if cfg.save_every:  # the finished run is the artefact; keep one final checkpoint for later resumes/extends
-        save_checkpoint(run_dir, cfg.steps, objective, optimizer, scheduler, 1)
+        save_checkpoint(run_dir, cfg.steps, objective, optimizer, scheduler, 1, scaler)
     log.write(step=cfg.steps, event="end", **{k: v for k, v in summary.items() if isinstance(v, (int, float))})
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     _say(cfg, f"saved encoder to {run_dir}")

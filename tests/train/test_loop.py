@@ -227,3 +227,37 @@ def test_compiled_training_resumes_exactly_and_draws_every_dropout_mask(tiny_dir
 def test_compile_with_gradient_checkpointing_is_refused(tiny_dir, corpus, tmp_path):
     with pytest.raises(ValueError, match="compile and gradient_checkpointing"):
         simcse_cfg(tiny_dir, corpus, tmp_path / "run", compile=True, gradient_checkpointing=True).validate()
+
+
+class _TinyGradient(L.Objective):
+    """One linear layer whose gradient (1e-8 per output) underflows to zero in fp16 activations."""
+
+    name = "tiny-gradient"
+
+    def setup(self, cfg, device):
+        self.model = torch.nn.Linear(4, 4, bias=False)
+        self.start = self.model.weight.detach().clone()
+        self.examples = [torch.ones(1, 4)] * 4
+
+    def collate(self, examples, generator):
+        return torch.cat(list(examples))
+
+    def loss(self, batch):
+        return self.model(batch).float().sum() * 1e-8, {}
+
+    def save(self, out_dir):
+        pass
+
+
+def test_fp16_autocast_scales_the_loss_so_small_gradients_survive(tmp_path):
+    """Without a GradScaler, fp16 autocast flushed these gradients to zero and training silently did nothing."""
+    kw = dict(steps=2, batch_size=2, warmup_steps=0, dtype="float16", device="cpu", progress=False,
+              save_every=1)
+    obj = _TinyGradient()
+    L.train(TrainConfig(output_dir=str(tmp_path / "run"), **kw), obj)
+    assert not torch.equal(obj.model.weight.detach(), obj.start)
+    state = torch.load(L.checkpoint_dirs(tmp_path / "run")[-1] / "state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 1  # saved with the checkpoint, so a resumed run keeps it
+    resumed = L.train(TrainConfig(output_dir=str(tmp_path / "run"), resume=True, **{**kw, "steps": 3}),
+                      _TinyGradient())
+    assert resumed["resumed_from"].endswith("step-0000002")
