@@ -28,6 +28,10 @@ __all__ = [
 
 _FLAG = "_l2v_causal_modules"
 _UNSUPPORTED_ATTN = {"flex_attention"}
+# Bidirectional sliding-window layers attend to every token: transformers' bidirectional sliding-window mask still
+# cuts at |i - j| > config.sliding_window, so the config's window is widened past any sequence length (it must stay
+# an int: hybrid models such as Gemma 2/3 always build the sliding mask, which raises without one).
+_FULL_WINDOW = 2**31 - 1
 
 
 class UnsupportedArchitectureError(RuntimeError):
@@ -70,6 +74,10 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
 
 
+def _is_window(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value < _FULL_WINDOW
+
+
 def _check_supported(model: nn.Module) -> None:
     base = _unwrap(model)
     config = getattr(base, "config", None)
@@ -108,11 +116,15 @@ def make_bidirectional(model: nn.Module, check: bool = True) -> nn.Module:
     changed = [m for m in _attention_modules(base) if m.is_causal]
     configs = _configs(base)
     previous = [(cfg, getattr(cfg, "is_causal", None)) for cfg in configs]
+    windows = [(obj, obj.sliding_window) for obj in [*configs, *_attention_modules(base)]
+               if _is_window(getattr(obj, "sliding_window", None))]
     for m in changed:
         m.is_causal = False
     for cfg in configs:
         cfg.is_causal = False
-    setattr(base, _FLAG, (changed, previous))
+    for obj, _ in windows:  # full attention: configs get a window no text reaches, attention modules none
+        obj.sliding_window = None if isinstance(obj, nn.Module) else _FULL_WINDOW
+    setattr(base, _FLAG, (changed, previous, windows))
     if check and not check_bidirectional(base):
         make_causal(base)
         raise UnsupportedArchitectureError(
@@ -133,9 +145,11 @@ def make_causal(model: nn.Module) -> nn.Module:
     state = getattr(base, _FLAG, None)
     if state is None:
         return model
-    changed, previous = state
+    changed, previous, windows = state
     for m in changed:
         m.is_causal = True
+    for obj, window in windows:
+        obj.sliding_window = window
     for cfg, value in previous:
         if value is None:
             if "is_causal" in cfg.__dict__:

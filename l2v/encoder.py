@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .batching import DEFAULT_MAX_TOKENS, STREAM_CHUNK, chunk_ranges, plan_batches
-from .bidirectional import is_bidirectional, make_bidirectional
+from .bidirectional import causal_attention, is_bidirectional, make_bidirectional
 from .checkpoints import (
     L2V_CONFIG,
     L2VConfig,
@@ -303,7 +303,8 @@ class Encoder(nn.Module):
         net = self.model
         if hasattr(net, "merge_and_unload"):
             net = net.merge_and_unload()
-        net.save_pretrained(out, safe_serialization=True)
+        with causal_attention(net):  # the config as loaded (make_bidirectional widens sliding windows)
+            net.save_pretrained(out, safe_serialization=True)
         _strip_is_causal(out / "config.json")
         self.tokenizer.save_pretrained(out)
         L2VConfig(base_model=self.base_model, pooling=self.pooling, bidirectional=self.bidirectional,

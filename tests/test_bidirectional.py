@@ -173,3 +173,42 @@ def test_flex_attention_rejected():
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(UnsupportedArchitectureError, match="flex_attention"):
         make_bidirectional(model)
+
+
+def _windowed(arch: str, impl: str, window: int) -> nn.Module:
+    """A tiny model whose layers (all: Mistral; every other one, hybrid: Qwen2, Gemma 2) use a sliding window."""
+    common = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    if arch == "mistral":
+        cfg = tf.MistralConfig(**common, sliding_window=window)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=window, max_window_layers=0,
+                             layer_types=["sliding_attention", "full_attention"])
+    else:
+        cfg = tf.Gemma2Config(**common, head_dim=8, sliding_window=window,
+                              layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
+
+
+@pytest.mark.parametrize("arch,impl", [(a, i) for a in ("mistral", "qwen2") for i in IMPLS] + [("gemma2", "eager")])
+def test_sliding_window_layers_become_full_attention(arch, impl):
+    """Bidirectional sliding-window layers attend to every token (README; LLM2Vec). transformers' bidirectional
+    sliding mask kept the window (|i - j| <= window), so a padded text longer than the window differed from the
+    same text packed (full attention per text) and the first token never saw tokens beyond the window."""
+    model = _windowed(arch, impl, window=3)
+    ids = _ids(12, batch=2)
+    positions = torch.arange(12).expand(2, -1)
+    explicit = torch.zeros((2, 1, 12, 12))  # every query attends to every key
+    reference = _hidden(model, ids, attention_mask=explicit, position_ids=positions)
+    make_bidirectional(model)
+    ours = _hidden(model, ids, attention_mask=torch.ones_like(ids), position_ids=positions)
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+    padded = torch.cat([ids, torch.zeros((2, 2), dtype=torch.long)], dim=1)  # and padding stays masked
+    mask = torch.cat([torch.ones((2, 12)), torch.zeros((2, 2))], dim=1).long()
+    with_pad = _hidden(model, padded, attention_mask=mask, position_ids=torch.arange(14).clamp_max(11).expand(2, -1))
+    assert torch.allclose(with_pad[:, :12], reference, atol=1e-5)
+    make_causal(model)  # the windows come back with causality
+    windows = {getattr(m, "sliding_window", None) for m in model.modules() if hasattr(m, "sliding_window")}
+    assert model.config.sliding_window == 3 and windows <= {None, 3}
+    assert torch.allclose(_hidden(model, ids), _hidden(_windowed(arch, impl, window=3), ids), atol=1e-6)

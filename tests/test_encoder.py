@@ -300,6 +300,24 @@ def test_save_and_reload_roundtrip(tmp_path):
     np.testing.assert_allclose(back.encode(TEXTS), enc.encode(TEXTS), atol=1e-5)
 
 
+def test_sliding_window_text_packed_equals_padded_and_window_saved(tmp_path):
+    """A text longer than Mistral's sliding window (64 in the tiny config) gets full attention on both paths: the
+    padded path kept the window (transformers' bidirectional sliding mask) while packing did not, so CPU and GPU
+    vectors differed. The saved config keeps the model's own window."""
+    import json
+
+    enc = tiny_encoder("mistral")
+    texts = [TEXTS[1] * 3, TEXTS[0]]
+    assert len(enc.tokenize_one(texts[0]).ids) > 2 * 64
+    enc.packing = True
+    packed = enc.encode(texts)
+    enc.packing = False
+    np.testing.assert_allclose(enc.encode(texts), packed, atol=1e-5)
+    enc.save_pretrained(tmp_path / "enc")
+    assert json.loads((tmp_path / "enc" / "config.json").read_text())["sliding_window"] == 64
+    assert enc.model.config.is_causal is False and enc.bidirectional
+
+
 def test_from_pretrained_local_dir_and_causal_flag(tmp_path):
     from tiny import save_tiny
 
