@@ -192,9 +192,12 @@ def _probe_ids(model: nn.Module, length: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def check_bidirectional(model: nn.Module, length: int = 6) -> bool:
-    """Return True iff changing the last token changes the first token's hidden state.
+    """Return True iff the first token sees the last one in every attention layer (and in the output).
 
-    A causal model cannot pass this: the first position never attends to later ones.
+    Two probes differ only in their last token. Each attention layer's input is reset so the probes differ only at
+    the last position there too: a layer left causal (e.g. Llama 4's chunked layers, whose mask ignores
+    ``is_causal``) gives the same first-token output for both, even when a bidirectional layer elsewhere already
+    changed the model's output. A causal model cannot pass either check.
     """
     base = _unwrap(model)
     ids = _probe_ids(base, length)
@@ -202,6 +205,28 @@ def check_bidirectional(model: nn.Module, length: int = 6) -> bool:
     ids = ids.to(device)
     changed = ids.clone()
     changed[0, -1] = ids[0, -1] - 1 if ids[0, -1] > ids[0, 0] else ids[0, -1] + 1
+    sees: dict[int, bool] = {}
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3 or hidden.shape[:2] != (2, length):
+            return None
+        hidden = hidden.clone()
+        hidden[1, :-1] = hidden[0, :-1]
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": hidden}
+        return (hidden, *args[1:]), kwargs
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, torch.Tensor) and out.ndim == 3 and out.shape[:2] == (2, length):
+            first = out[:, 0].float()
+            sees[id(module)] = not torch.allclose(first[0], first[1], atol=1e-6, rtol=0)
+
+    handles = []
+    for m in _attention_modules(base):
+        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(m.register_forward_hook(hook, with_kwargs=True))
     was_training = base.training
     base.eval()
     try:
@@ -209,5 +234,7 @@ def check_bidirectional(model: nn.Module, length: int = 6) -> bool:
         out = base(input_ids=both, attention_mask=torch.ones_like(both), output_hidden_states=True)
     finally:
         base.train(was_training)
+        for h in handles:
+            h.remove()
     first = out.hidden_states[-1][:, 0].float()
-    return not torch.allclose(first[0], first[1], atol=1e-6, rtol=0)
+    return all(sees.values()) and not torch.allclose(first[0], first[1], atol=1e-6, rtol=0)

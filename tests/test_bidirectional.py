@@ -155,6 +155,41 @@ def test_architecture_that_stays_causal_raises_naming_it():
     assert not is_bidirectional(model) and model.attn.is_causal is True  # restored, not half-changed
 
 
+def _force_causal(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: this attention layer gets a causal 4D mask, as a layer whose mask ignores is_causal would."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    n, length = hidden.shape[:2]
+    mask = torch.full((length, length), float("-inf")).triu(1).to(hidden.dtype)
+    return args, {**kwargs, "attention_mask": mask.expand(n, 1, length, length), "is_causal": False}
+
+
+@pytest.mark.parametrize("arch,impl", CASES)
+def test_check_catches_a_single_layer_left_causal(arch, impl):
+    """One causal layer among bidirectional ones still changes the first token's output, so the whole-model probe
+    passed; every attention layer is now probed on its own."""
+    model = make_bidirectional(tiny_model(arch, impl))
+    layers = [m for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    handle = layers[-1].register_forward_pre_hook(_force_causal, with_kwargs=True)
+    try:
+        assert not check_bidirectional(model)
+    finally:
+        handle.remove()
+    assert check_bidirectional(model)
+
+
+def test_llama4_chunked_layers_stay_causal_so_rejected():
+    """Llama 4's chunked-attention layers build their mask without reading is_causal: 3 of 4 layers stayed causal
+    while the model was reported bidirectional."""
+    cfg = tf.Llama4TextConfig(vocab_size=320, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              max_position_embeddings=256, attention_chunk_size=4, num_local_experts=1)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    with pytest.raises(UnsupportedArchitectureError, match="Llama4ForCausalLM.*stayed causal"):
+        make_bidirectional(model)
+    assert not is_bidirectional(model) and not check_bidirectional(model)
+
+
 def test_architecture_without_attention_flag_raises():
     model = _ToyModel(_ToyConfig(architectures=["ToyNoFlagModel"]), with_flag=False)
     with pytest.raises(UnsupportedArchitectureError, match="ToyNoFlagModel"):
