@@ -212,9 +212,11 @@ def encode_corpus(encoder, job: CorpusJob, progress: bool = True, log=None) -> d
     approx_rows = count_lines(job.input)
     approx_shards = math.ceil(approx_rows / S)
     mine = [k for k in range(approx_shards) if k % W == w]
-    for stale in out.glob(".shard-*.tmp"):  # left by a killed run of this worker's shards
+    # Temporary files a killed run of this worker left (atomic_file names them ".shard-NNNNNN.npy.XXXXXXXX");
+    # another worker's are in flight and stay.
+    for stale in out.glob(".shard-*"):
         try:
-            if int(stale.name.split("-")[1].split(".")[0]) % W == w:
+            if int(stale.name.removeprefix(".shard-").split(".")[0]) % W == w:
                 stale.unlink(missing_ok=True)
         except ValueError:
             pass

@@ -80,7 +80,7 @@ def test_kill_and_resume_equals_uninterrupted(setup):
     ids, vecs = load_corpus_embeddings(out)
     assert ids == ref_ids and len(set(ids)) == N
     np.testing.assert_allclose(vecs, ref_vecs, atol=1e-5, rtol=1e-5)
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".shard-*"))  # the killed run's temporary files are gone
 
 
 def test_deterministic_interruption_is_bitwise_identical_and_workers_share(setup):
@@ -133,6 +133,19 @@ def test_settings_mismatch_and_bad_input(setup, tmp_path):
         encode_corpus(enc, _job(txt, tmp_path / "w", worker=2, num_workers=2), progress=False)
     with pytest.raises(FileNotFoundError, match="no such input"):
         encode_corpus(enc, _job(tmp_path / "nope.txt", tmp_path / "n"), progress=False)
+
+
+def test_resume_removes_this_workers_stale_temp_files(setup, tmp_path):
+    """A kill leaves ``.shard-NNNNNN.npy.XXXXXXXX`` (atomic_file's temp name; one shard each, possibly GBs): the
+    worker's next run deletes its own and keeps another worker's, which may be in flight."""
+    d, model, corpus, enc = setup
+    out = tmp_path / "o"
+    out.mkdir()
+    mine, theirs = out / ".shard-000002.npy.k1ll3d_x", out / ".shard-000001.ids.jsonl.abc123"
+    mine.write_bytes(b"\x93NUMPY partial")
+    theirs.write_bytes(b"in flight")
+    encode_corpus(enc, _job(corpus, out, worker=0, num_workers=2, max_shards=1), progress=False)
+    assert not mine.exists() and theirs.exists()
 
 
 def test_byte_order_mark_is_not_part_of_the_first_row(setup, tmp_path):
