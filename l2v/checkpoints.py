@@ -91,19 +91,44 @@ def find_default_gguf() -> Path:
     )
 
 
+def _converted_ok(target: Path) -> bool:
+    """Whether ``target`` holds a complete conversion: a readable config and a safetensors file whose header
+    matches its size (an empty or truncated file, e.g. after a crash or a full disk, does not count)."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((target / "config.json").read_text(encoding="utf-8"))
+        with safe_open(str(target / "model.safetensors"), "pt"):
+            pass
+    except Exception:  # OSError, JSONDecodeError, SafetensorError (a bare Exception subclass)
+        return False
+    return True
+
+
 def default_model_dir(quiet: bool = False) -> Path:
-    """The converted default model directory, converting from GGUF on first use."""
+    """The converted default model directory, converting from GGUF on first use (or when the cache is damaged).
+
+    Concurrent first uses (``torchrun`` ranks) convert once: the others wait on a lock file and then reuse it.
+    Without the lock every process converted and replaced the directory, deleting it under the processes that
+    had already returned it.
+    """
     target = cache_dir() / "models" / _CONVERTED_DIR
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+    if _converted_ok(target):
         return target
     gguf_path = find_default_gguf()
-    if not quiet:
-        print(
-            f"l2v: converting the embedded default model {gguf_path.name} to safetensors in {target} "
-            "(first use only, ~20 s)...",
-            file=sys.stderr,
-        )
-    convert_gguf(gguf_path, target)
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if _converted_ok(target):  # another process converted it while this one waited
+            return target
+        if not quiet:
+            print(
+                f"l2v: converting the embedded default model {gguf_path.name} to safetensors in {target} "
+                "(first use only, ~20 s)...",
+                file=sys.stderr,
+            )
+        convert_gguf(gguf_path, target)
     return target
 
 
@@ -125,7 +150,7 @@ def convert_gguf(gguf_path: str | os.PathLike, target: str | os.PathLike) -> Pat
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {gguf_path}: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, fsync=True) as tmp:  # durable before the rename publishes it
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return target

@@ -45,8 +45,7 @@ def test_default_model_uses_cache_without_reconverting(monkeypatch, tmp_path):
     monkeypatch.setenv("L2V_CACHE", str(tmp_path))
     target = tmp_path / "models" / "smollm2-135m-instruct"
     target.mkdir(parents=True)
-    (target / "config.json").write_text("{}")
-    (target / "model.safetensors").write_bytes(b"")
+    _fake_conversion(target)
 
     def boom(*a, **k):
         raise AssertionError("must not convert again")
@@ -54,6 +53,60 @@ def test_default_model_uses_cache_without_reconverting(monkeypatch, tmp_path):
     monkeypatch.setattr(checkpoints, "convert_gguf", boom)
     assert resolve_model_path("smollm2-135m") == str(target)
     assert resolve_model_path(None) == str(target)
+
+
+def _fake_conversion(target: Path) -> Path:
+    """What convert_gguf leaves, in miniature: config.json + a valid model.safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(4)}, str(target / "model.safetensors"))
+    return target
+
+
+def test_damaged_cache_is_converted_again(monkeypatch, tmp_path):
+    """An empty or truncated model.safetensors (crash, full disk) would fail every later load; it is redone."""
+    monkeypatch.setenv("L2V_CACHE", str(tmp_path))
+    monkeypatch.setattr(checkpoints, "find_default_gguf", lambda: tmp_path / "fake.gguf")
+    calls = []
+    monkeypatch.setattr(checkpoints, "convert_gguf", lambda g, t: calls.append(t) or _fake_conversion(Path(t)))
+    target = _fake_conversion(tmp_path / "models" / "smollm2-135m-instruct")
+    data = (target / "model.safetensors").read_bytes()
+    for damaged in (b"", data[:-8]):
+        (target / "model.safetensors").write_bytes(damaged)
+        assert checkpoints.default_model_dir(quiet=True) == target
+    assert len(calls) == 2
+    assert checkpoints.default_model_dir(quiet=True) == target and len(calls) == 2  # intact now: reused
+
+
+def test_concurrent_first_use_converts_once(monkeypatch, tmp_path):
+    """torchrun ranks all find no cache at first: one converts, the others wait and reuse it (each conversion
+    used to replace the directory, deleting it under the processes that had already returned it)."""
+    import threading
+    import time
+
+    monkeypatch.setenv("L2V_CACHE", str(tmp_path))
+    monkeypatch.setattr(checkpoints, "find_default_gguf", lambda: tmp_path / "fake.gguf")
+    calls = []
+
+    def slow_convert(gguf, target):
+        calls.append(target)
+        time.sleep(0.3)
+        with checkpoints.atomic_directory(target) as tmp:
+            _fake_conversion(tmp)
+
+    monkeypatch.setattr(checkpoints, "convert_gguf", slow_convert)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(checkpoints.default_model_dir(quiet=True)))
+               for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(results) == 3 and len(calls) == 1
+    assert (results[0] / "model.safetensors").is_file()
 
 
 def test_local_dirs_and_errors(tmp_path):
