@@ -121,9 +121,14 @@ class LLM2Vec:
 
     # ------------------------------------------------------------------------------------------ encode
     def _cut_doc(self, text: str) -> str:
-        """The official doc_max_length rule: drop trailing words until the text fits in doc_max_length tokens."""
+        """The official doc_max_length rule: drop trailing words until the text fits in doc_max_length tokens.
+
+        As upstream, a length is counted after truncation to ``max_length``: each step keeps
+        ``doc_max_length / min(tokens, max_length)`` of the words, so a text longer than ``max_length`` is cut in
+        smaller steps (to a different word count) than its full length would give.
+        """
         def n_tokens(t: str) -> int:
-            return len(self.tokenizer(t, add_special_tokens=False)["input_ids"])
+            return min(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]), self.max_length)
 
         length = n_tokens(text)
         while length > self.doc_max_length:

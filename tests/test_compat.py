@@ -116,6 +116,27 @@ def test_shim_overrides_and_errors(layout, tmp_path):
     np.testing.assert_allclose(again.encode(TEXTS).numpy(), model.encode(TEXTS).numpy(), atol=1e-5)
 
 
+def test_doc_cut_counts_tokens_after_max_length_truncation(layout):
+    """Upstream measures a document with ``truncation=True, max_length=max_length`` while cutting it to
+    doc_max_length, so for a text longer than max_length its word count differs from a cut by the full length."""
+    model = LLM2Vec.from_pretrained(str(layout / "base"), max_length=16, doc_max_length=10, torch_dtype="float32",
+                                    device_map="cpu")
+    tok = model.tokenizer
+
+    def upstream(text: str) -> str:  # the official rule, restated
+        length = min(len(tok(text, add_special_tokens=False)["input_ids"]), 16)
+        while length > 10:
+            words = text.split()
+            text = " ".join(words[:int(len(words) * 10 / length)])
+            length = min(len(tok(text, add_special_tokens=False)["input_ids"]), 16)
+        return text
+
+    doc = "cats and dogs are common household pets " * 5  # 80 tokens: 3 words upstream (2 by full length)
+    assert model._cut_doc(doc) == upstream(doc) == "cats and dogs"
+    short = "The quick brown fox jumps over the lazy dog."
+    assert model._cut_doc(short) == upstream(short)
+
+
 def test_supervised_adapter_alone_follows_the_chain(layout, tmp_path):
     """Hub supervised adapters name the MNTP adapter repo as their base; loading the adapter alone follows it."""
     chained = tmp_path / "sup-chained"
