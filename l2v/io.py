@@ -48,7 +48,14 @@ def atomic_directory(target: str | os.PathLike, fsync: bool = False) -> Iterator
 
     ``fsync=True`` flushes every file to disk before the rename publishes them (checkpoints).
     """
-    target = Path(target)
+    # Lexically absolute: for "." (or "..") the sibling would otherwise be made *inside* the target and deleted
+    # with it, after the old contents were already gone. Replacing the working directory (or a parent of it) as a
+    # whole would leave this process in a deleted directory, so that is refused before anything is written.
+    target = Path(os.path.abspath(target))
+    cwd = Path.cwd()
+    if target == cwd or target in cwd.parents:
+        raise ValueError(f"{target}: is the current directory or contains it; it is replaced as a whole (built "
+                         "beside it, then renamed over it), so write to a new subdirectory instead.")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

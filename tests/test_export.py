@@ -67,6 +67,25 @@ def test_export_refuses_non_empty_dir(with_adapter, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary dirs left behind
 
 
+def test_export_into_the_current_directory_is_refused_intact(with_adapter, tmp_path, monkeypatch):
+    """``l2v export MODEL . --overwrite``: the temporary sibling was created inside "." and deleted with the old
+    contents, then the rename failed (EINVAL): everything in the directory was lost. Now refused, nothing touched."""
+    base, _ = with_adapter
+    enc = Encoder.from_pretrained(base, dtype="float32", device="cpu")
+    here = tmp_path / "here"
+    (here / "sub").mkdir(parents=True)
+    (here / "notes.txt").write_text("mine")
+    for cwd, target in ((here, "."), (here / "sub", "..")):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(ValueError, match="current directory"):
+            export(enc, target, overwrite=True)
+        assert (here / "notes.txt").read_text() == "mine" and (here / "sub").is_dir()
+        assert sorted(p.name for p in here.iterdir()) == ["notes.txt", "sub"]
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]  # no temporary dirs left behind
+    export(enc, "out")  # a relative subdirectory is fine
+    assert (here / "sub" / "out" / "model.safetensors").is_file()
+
+
 def test_cli_export(with_adapter, tmp_path, capsys):
     base, adapter = with_adapter
     assert main(["export", base, str(tmp_path / "cli"), "--adapter", adapter, "--max-length", "40"]) == 0
