@@ -296,7 +296,10 @@ def load_corpus_embeddings(outdir: str | os.PathLike) -> tuple[list[Any], np.nda
     ids: list[Any] = []
     vecs = []
     for s in index["shards"]:
-        shard_ids = [json.loads(line) for line in (out / s["ids"]).read_text(encoding="utf-8").splitlines()]
+        # One JSON value per "\n"-ended line: str.splitlines() would also split inside an id at U+2028/U+2029/U+0085,
+        # which json.dumps(ensure_ascii=False) leaves unescaped.
+        text = (out / s["ids"]).read_text(encoding="utf-8")
+        shard_ids = [json.loads(line) for line in text.split("\n")[:-1 if text.endswith("\n") else None]]
         v = np.load(out / s["npy"])
         if len(shard_ids) != len(v) or len(v) != s["rows"]:
             raise CorpusError(f"{out / s['npy']}: {len(v)} vectors, {len(shard_ids)} ids, index says {s['rows']}.")

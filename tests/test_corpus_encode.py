@@ -148,6 +148,19 @@ def test_resume_removes_this_workers_stale_temp_files(setup, tmp_path):
     assert not mine.exists() and theirs.exists()
 
 
+def test_ids_with_unicode_line_separators_load_back(setup, tmp_path):
+    """Ids are stored unescaped (ensure_ascii=False); U+2028, U+2029 and U+0085 inside one must not split its line
+    when the shards are loaded (a finished OUTDIR failed with "3 vectors, 6 ids")."""
+    d, model, corpus, enc = setup
+    src = tmp_path / "odd.jsonl"
+    ids = ["a\u2028b", "c\x85d", "e\u2029"]
+    src.write_text("".join(json.dumps({"id": i, "text": f"text {n}"}) + "\n" for n, i in enumerate(ids)),
+                   encoding="utf-8")
+    encode_corpus(enc, _job(src, tmp_path / "o"), progress=False)
+    got, vecs = load_corpus_embeddings(tmp_path / "o")
+    assert got == ids and vecs.shape == (3, 32)
+
+
 def test_byte_order_mark_is_not_part_of_the_first_row(setup, tmp_path):
     """Windows editors save UTF-8 with a BOM: line 1 must still parse as JSON and embed like the plain text."""
     d, model, corpus, enc = setup
