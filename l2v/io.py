@@ -65,12 +65,25 @@ def atomic_directory(target: str | os.PathLike, fsync: bool = False) -> Iterator
                 if f.is_file():
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        # The old directory is renamed aside, not deleted in place: deleting can fail part way (files held open on
+        # NFS, permissions), which used to leave the old directory half deleted and discard the new one.
+        old = None
+        if target.is_symlink() or target.exists():
+            if target.is_symlink() or not target.is_dir():
+                raise NotADirectoryError(f"{target}: is a file or a symbolic link, not a directory to replace.")
+            old = tmp.with_name(tmp.name + ".old")
+            os.rename(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, target)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def check_output_dir(path: str | os.PathLike, option: str) -> Path:

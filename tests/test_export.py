@@ -86,6 +86,34 @@ def test_export_into_the_current_directory_is_refused_intact(with_adapter, tmp_p
     assert (here / "sub" / "out" / "model.safetensors").is_file()
 
 
+def test_overwrite_survives_a_failing_delete_of_the_old_export(with_adapter, tmp_path, monkeypatch):
+    """Deleting the old directory can fail part way (a file held open on NFS: EBUSY). The old export was deleted in
+    place, so it was left half gone and the new one was discarded; now it is renamed aside first."""
+    import shutil
+
+    from l2v import io
+
+    base, _ = with_adapter
+    enc = Encoder.from_pretrained(base, dtype="float32", device="cpu")
+    out = export(enc, tmp_path / "out")
+    real_rmtree = shutil.rmtree
+
+    def busy_rmtree(path, ignore_errors=False, **kw):  # deletes one file, then fails as NFS does
+        victim = Path(path) / "model.safetensors"
+        if victim.exists():
+            victim.unlink()
+            if not ignore_errors:
+                raise OSError(16, "Device or resource busy", str(path))
+            return
+        real_rmtree(path, ignore_errors=ignore_errors, **kw)
+
+    monkeypatch.setattr(io.shutil, "rmtree", busy_rmtree)
+    export(enc, out, overwrite=True)
+    monkeypatch.undo()
+    np.testing.assert_allclose(Encoder.from_pretrained(str(out), dtype="float32", device="cpu").encode(TEXTS),
+                               enc.encode(TEXTS), atol=1e-5)
+
+
 def test_cli_export(with_adapter, tmp_path, capsys):
     base, adapter = with_adapter
     assert main(["export", base, str(tmp_path / "cli"), "--adapter", adapter, "--max-length", "40"]) == 0
