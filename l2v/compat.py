@@ -18,8 +18,9 @@ goes through :meth:`l2v.Encoder.from_pretrained`, which merges the adapters and 
 with l2v's generic mechanism (any decoder, not only the four the official package patches).
 
 Differences: the instruction is tokenised on its own and excluded from pooling by token position (the official
-code re-tokenises ``"instruction text"`` and keeps the last ``len(tokenize(text))`` positions), so vectors agree
-closely but not bit for bit; ``skip_instruction=False`` is not supported; model-specific chat templates that the
+code re-tokenises ``"instruction text"`` and keeps the last ``len(tokenize(text))`` positions; the shim places the
+joining space so that l2v sees the same tokens, which matters for byte-level BPEs), so vectors agree closely
+but not bit for bit; ``skip_instruction=False`` is not supported; model-specific chat templates that the
 official ``prepare_for_tokenization`` adds for a few hub ids are not added.
 """
 
@@ -120,6 +121,24 @@ class LLM2Vec:
                    else official.get("skip_instruction", True))
 
     # ------------------------------------------------------------------------------------------ encode
+    def _as_joined(self, instruction: str, text: str) -> tuple[str, str]:
+        """The ``(instruction, text)`` strings whose tokens, one list after the other, are upstream's: it tokenises
+        ``f"{instruction} {text}"`` and pools the last ``len(tokenize(text))`` tokens. Byte-level BPEs (Llama-3,
+        Qwen, SmolLM2) put that space into the text's first token ("Ġhow", not "how") or keep it as a token of its
+        own before the text; SentencePiece tokenizers need no change (their dummy prefix plays the space). Where
+        upstream's count is off (" word" is fewer tokens than "word", so it also pools an instruction token), the
+        model still sees upstream's tokens and l2v pools the text's."""
+        def ids(t: str) -> list[int]:
+            return self.tokenizer(t, add_special_tokens=False)["input_ids"]
+
+        joined, n = ids(f"{instruction} {text}"), len(ids(text))
+        same_input = [(ins, txt) for ins, txt in ((instruction, text), (instruction, " " + text),
+                                                   (instruction + " ", text)) if ids(ins) + ids(txt) == joined]
+        for ins, txt in same_input:
+            if ids(txt) == joined[len(joined) - n:]:
+                return ins, txt
+        return same_input[0] if same_input else (instruction, text)
+
     def _cut_doc(self, text: str) -> str:
         """The official doc_max_length rule: drop trailing words until the text fits in doc_max_length tokens.
 
@@ -159,7 +178,8 @@ class LLM2Vec:
             elif isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(x, str) for x in s):
                 instruction = s[0].strip()
                 text = self._cut_doc(s[1])
-                items.append((instruction, text) if instruction else text)
+                items.append(self._as_joined(instruction, text) if instruction and text else
+                             (instruction, text) if instruction else text)
             else:
                 raise TypeError(f"sentences[{i}]: expected a string or an [instruction, text] pair of strings, "
                                 f"got {s!r:.80}.")

@@ -83,7 +83,8 @@ def test_shim_call_shapes(layout):
     ref = reference(layout)
     out = model.encode(PAIRS, show_progress_bar=False)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (3, 32)
-    expected = ref.encode([("Retrieve passages:", PAIRS[0][1]), PAIRS[1][1], ("Classify:", PAIRS[2][1])])
+    # as upstream tokenises "instruction text": this tokenizer keeps the joining space as a token of its own
+    expected = ref.encode([("Retrieve passages: ", PAIRS[0][1]), PAIRS[1][1], ("Classify: ", PAIRS[2][1])])
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
     # The instruction matters and is not pooled: same text, different instruction -> different vector.
     assert not np.allclose(out[0].numpy(), ref.encode([PAIRS[0][1]])[0], atol=1e-4)
@@ -94,6 +95,25 @@ def test_shim_call_shapes(layout):
     assert single.shape == (1, 32)
     with pytest.raises(TypeError, match=r"sentences\[0\]"):
         model.encode([["only one"]])
+
+
+def test_instructed_text_gets_the_tokens_it_has_after_the_official_join(layout):
+    """Upstream tokenises f"{instruction} {text}" and pools its last len(tokenize(text)) tokens; with a byte-level
+    BPE (Llama-3, Qwen) those start "Ġhow", not the "how" of the text tokenised alone (cos 0.958 on the default
+    model for one query). The shim now feeds l2v exactly upstream's token ids."""
+    model = LLM2Vec.from_pretrained(str(layout / "base"), torch_dtype="float32", device_map="cpu")
+    tok, enc = model.tokenizer, model.encoder
+    instruction = "Retrieve passages:"
+    for text, spaced in (("passages and dogs.", True), ("The quick brown fox jumps.", False)):  # "Ġp" / "Ġ" "The"
+        joined = tok(f"{instruction} {text}", add_special_tokens=False)["input_ids"]
+        alone = tok(text, add_special_tokens=False)["input_ids"]
+        assert (alone != joined[-len(alone):]) == spaced
+        ins, txt = model._as_joined(instruction, text)
+        assert (ins, txt) == ((instruction, " " + text) if spaced else (instruction + " ", text))
+        fed = enc.tokenize_one(txt, ins)
+        assert fed.ids == joined and fed.ids[fed.start:fed.end] == joined[-len(alone):]
+        np.testing.assert_allclose(model.encode([[instruction, text]], show_progress_bar=False).numpy(),
+                                   enc.encode([(ins, txt)]), atol=1e-6)
 
 
 def test_shim_overrides_and_errors(layout, tmp_path):
