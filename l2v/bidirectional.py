@@ -31,7 +31,7 @@ _UNSUPPORTED_ATTN = {"flex_attention"}
 # Bidirectional sliding-window layers attend to every token: transformers' bidirectional sliding-window mask still
 # cuts at |i - j| > config.sliding_window, so the config's window is widened past any sequence length (it must stay
 # an int: hybrid models such as Gemma 2/3 always build the sliding mask, which raises without one).
-_FULL_WINDOW = 2**31 - 1
+FULL_WINDOW = 2**31 - 1
 
 
 class UnsupportedArchitectureError(RuntimeError):
@@ -75,7 +75,7 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _is_window(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value < _FULL_WINDOW
+    return isinstance(value, int) and not isinstance(value, bool) and value < FULL_WINDOW
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -123,7 +123,7 @@ def make_bidirectional(model: nn.Module, check: bool = True) -> nn.Module:
     for cfg in configs:
         cfg.is_causal = False
     for obj, _ in windows:  # full attention: configs get a window no text reaches, attention modules none
-        obj.sliding_window = None if isinstance(obj, nn.Module) else _FULL_WINDOW
+        obj.sliding_window = None if isinstance(obj, nn.Module) else FULL_WINDOW
     setattr(base, _FLAG, (changed, previous, windows))
     if check and not check_bidirectional(base):
         make_causal(base)

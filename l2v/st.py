@@ -33,6 +33,7 @@ import os
 import warnings
 from pathlib import Path
 
+from .bidirectional import FULL_WINDOW
 from .encoder import Encoder
 
 _ST_POOLING = {"mean": "mean", "weighted_mean": "weightedmean", "last_token": "lasttoken", "eos": "lasttoken",
@@ -85,6 +86,7 @@ def write_sentence_transformers_files(encoder: Encoder, directory: str | os.Path
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["is_causal"] = False
         config["attn_implementation"] = "eager"
+        _widen_sliding_windows(config)
         _write_json(config_path, config)
     _write_json(out / "sentence_bert_config.json", bert_cfg)
     _write_json(out / "config_sentence_transformers.json", {
@@ -99,6 +101,16 @@ def write_sentence_transformers_files(encoder: Encoder, directory: str | os.Path
         "include_prompt": False,
     })
     return out
+
+
+def _widen_sliding_windows(config: dict) -> None:
+    """Full attention in sliding-window layers, as l2v runs them (:func:`l2v.bidirectional.make_bidirectional`):
+    transformers' bidirectional sliding mask still cuts at ``|i - j| > sliding_window``, so a plain load of the
+    exported config would embed texts longer than the window differently (Mistral v0.1, Phi-3, Gemma 2/3)."""
+    for cfg in (config, *(v for v in config.values() if isinstance(v, dict))):  # and nested text_config
+        window = cfg.get("sliding_window")
+        if isinstance(window, int) and not isinstance(window, bool) and window < FULL_WINDOW:
+            cfg["sliding_window"] = FULL_WINDOW
 
 
 def _write_json(path: Path, data) -> None:

@@ -52,6 +52,18 @@ def test_sentence_transformer_matches_encoder(base, tmp_path, pooling):
         assert cos(inst, expected[:3]).min() < 0.9999  # the instruction did change the vectors
 
 
+def test_sliding_window_model_exports_full_attention(tmp_path):
+    enc = Encoder.from_pretrained(save_tiny("mistral", tmp_path / "mistral"), dtype="float32", device="cpu",
+                                  max_length=200)  # tiny Mistral: sliding_window 64
+    long = ["Sliding windows cut attention between distant tokens of long texts. " * 7, "short text"]
+    assert len(enc.tokenizer(long[0])["input_ids"]) > 100
+    out = export(enc, tmp_path / "exp")
+    assert json.loads((out / "config.json").read_text())["sliding_window"] > 10**9
+    st = SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(st.encode(long), enc.encode(long), atol=1e-5)  # windowed: off by ~7e-3
+    assert json.loads((tmp_path / "mistral" / "config.json").read_text())["sliding_window"] == 64
+
+
 def test_causal_export_stays_causal(base, tmp_path):
     enc = Encoder.from_pretrained(base, bidirectional=False, dtype="float32", device="cpu")
     out = export(enc, tmp_path / "causal")
