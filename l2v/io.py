@@ -15,6 +15,21 @@ from pathlib import Path
 from typing import IO
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def _publishable(path: Path, directory: bool = False) -> None:
+    """Give a temporary file/dir the mode a plain ``open``/``mkdir`` would (mkstemp/mkdtemp make them private,
+    0600/0700: an exported model or an output file would be unreadable to anyone else on a shared machine)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", fsync: bool = False) -> Iterator[IO]:
     """Yield a file open on a temporary sibling of ``path`` (``mode`` "w" is UTF-8 text, "wb" bytes); on success
@@ -30,6 +45,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", fsync: bool = False) -
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
+        _publishable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -60,6 +76,7 @@ def atomic_directory(target: str | os.PathLike, fsync: bool = False) -> Iterator
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
+        _publishable(tmp, directory=True)
         if fsync:
             for f in tmp.rglob("*"):
                 if f.is_file():
