@@ -58,20 +58,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         fh.write(text)
 
 
+def check_replaceable_dir(target: str | os.PathLike) -> Path:
+    """``target`` made lexically absolute, refusing the working directory or a parent of it.
+
+    :func:`atomic_directory` builds beside the target: for "." (or "..") the sibling would be made *inside* it and
+    deleted with it, and replacing the working directory as a whole would leave this process in a deleted one.
+    """
+    target = Path(os.path.abspath(target))
+    cwd = Path.cwd()
+    if target == cwd or target in cwd.parents:
+        raise ValueError(f"{target}: is the current directory or contains it; it is replaced as a whole (built "
+                         "beside it, then renamed over it), so write to a new subdirectory instead.")
+    return target
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``target``, on error it is removed.
 
     ``fsync=True`` flushes every file to disk before the rename publishes them (checkpoints).
     """
-    # Lexically absolute: for "." (or "..") the sibling would otherwise be made *inside* the target and deleted
-    # with it, after the old contents were already gone. Replacing the working directory (or a parent of it) as a
-    # whole would leave this process in a deleted directory, so that is refused before anything is written.
-    target = Path(os.path.abspath(target))
-    cwd = Path.cwd()
-    if target == cwd or target in cwd.parents:
-        raise ValueError(f"{target}: is the current directory or contains it; it is replaced as a whole (built "
-                         "beside it, then renamed over it), so write to a new subdirectory instead.")
+    target = check_replaceable_dir(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

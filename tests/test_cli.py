@@ -232,3 +232,6 @@ def test_output_directories_that_are_files_fail_before_loading(tmp_path, capsys,
     (full / "keep.txt").write_text("x", encoding="utf-8")
     assert main(["export", "m", str(full)]) == 2
     assert "pass --overwrite" in capsys.readouterr().err and (full / "keep.txt").is_file()
+    monkeypatch.chdir(full)
+    assert main(["export", "m", ".", "--overwrite"]) == 2
+    assert "is the current directory" in capsys.readouterr().err and (full / "keep.txt").is_file()

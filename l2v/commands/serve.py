@@ -29,9 +29,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export
-    from ..io import check_output_dir
+    from ..io import check_output_dir, check_replaceable_dir
 
     out = check_output_dir(args.outdir, "OUTDIR")
+    check_replaceable_dir(out)  # before loading the model
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # before loading the model
         raise FileExistsError(f"{out}: exists and is not empty; choose a new directory or pass --overwrite.")
     args.fp32_layers = None  # export writes plain layers (no kernel), so there is no kernel/fp32 split to choose
