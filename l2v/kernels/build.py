@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -50,13 +51,43 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str) -> Path:
-    """Compile the C sources into the cache once per sources/flags/compiler (atomic rename: safe in parallel)."""
+def _complete_elf(path: Path) -> bool:
+    """Whether ``path`` is a whole 64-bit ELF file: every segment and the section table lie inside it.
+
+    Why: a truncated library (a crash or a full disk before the data reached the disk, a partial copy of the cache)
+    can pass ``dlopen``'s header checks and then kill the process with SIGBUS when its missing pages are touched.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+            size = os.fstat(fh.fileno()).st_size
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:  # ELF64, little-endian
+                return False
+            phoff, shoff = struct.unpack_from("<QQ", head, 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
+            if phnum == 0 or phoff + phnum * phentsize > size or shoff + shnum * shentsize > size:
+                return False
+            fh.seek(phoff)
+            table = fh.read(phnum * phentsize)
+    except OSError:
+        return False
+    for i in range(phnum):
+        offset, filesz = (struct.unpack_from("<Q", table, i * phentsize + at)[0] for at in (8, 32))
+        if offset + filesz > size:
+            return False
+    return True
+
+
+def _build(cc: str, force: bool = False) -> Path:
+    """Compile the C sources into the cache once per sources/flags/compiler (atomic rename: safe in parallel).
+
+    A cached library that is not a whole ELF file (or, ``force``, one that failed to load) is built again.
+    """
     from ..checkpoints import cache_dir
 
     blob = b"".join(src.read_bytes() for src in (*_SOURCES, *_HEADERS)) + " ".join([cc, *_FLAGS]).encode()
     target = cache_dir() / "kernels" / f"l2v_kernels-{hashlib.sha256(blob).hexdigest()[:16]}.so"
-    if target.is_file():
+    if not force and target.is_file() and _complete_elf(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"l2v: building its CPU kernels once ({cc}, a few seconds) -> {target}", file=sys.stderr)
@@ -66,6 +97,10 @@ def _build(cc: str) -> Path:
         proc = subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        with open(tmp, "rb") as fh:  # on disk before it is published: never a truncated library under the name
+            os.fsync(fh.fileno())
+        if not _complete_elf(Path(tmp)):
+            raise RuntimeError(f"{cc} wrote an incomplete library")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -88,7 +123,10 @@ def load() -> ctypes.CDLL | None:
         else:
             try:
                 # torch is imported first, so the kernel's libgomp.so.1 resolves to torch's own OpenMP runtime.
-                lib = ctypes.CDLL(str(_build(cc)))
+                try:
+                    lib = ctypes.CDLL(str(_build(cc)))
+                except OSError:  # a cached library that does not load (corrupt, foreign): build it afresh once
+                    lib = ctypes.CDLL(str(_build(cc, force=True)))
                 p, i64 = ctypes.c_void_p, ctypes.c_int64
                 for fn in (lib.l2v_linear_f32, lib.l2v_linear_f32w):
                     fn.restype = ctypes.c_int
@@ -103,7 +141,7 @@ def load() -> ctypes.CDLL | None:
                 rot.restype = None
                 rot.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, p, p, i64, p, ctypes.c_int]
                 _state["lib"] = lib
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:  # Attribute: no symbol
                 _state["error"] = f"building the kernel failed: {exc}"
         return _state["lib"]
 

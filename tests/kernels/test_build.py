@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,3 +37,28 @@ def test_unavailable_kernel_reports_why(monkeypatch, tmp_path):
     finally:
         kbuild._state.clear()
         kbuild._state.update(saved)
+
+
+LOAD = "import torch; from l2v.kernels import kernel_status; print(kernel_status())"
+
+
+def _load_in_child(cache) -> subprocess.CompletedProcess:
+    env = {**os.environ, "L2V_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[2])}
+    env.pop("L2V_CPU_KERNEL", None)
+    return subprocess.run([sys.executable, "-c", LOAD], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not kernel_status()[0], reason="needs the kernel to build here")
+def test_truncated_cached_library_is_rebuilt(tmp_path):
+    """A cached .so cut short (a crash before it reached the disk, a partial copy) is built again: dlopen of a
+    truncated library killed the process with SIGBUS, or failed on every later start."""
+    assert _load_in_child(tmp_path).stdout.strip() == "(True, 'ok')"
+    (lib,) = (tmp_path / "kernels").glob("*.so")
+    whole = lib.read_bytes()
+    for cut in (whole[: len(whole) * 4 // 5], b"not an ELF file"):
+        lib.write_bytes(cut)
+        assert not kbuild._complete_elf(lib)
+        proc = _load_in_child(tmp_path)
+        assert proc.returncode == 0 and proc.stdout.strip() == "(True, 'ok')", (len(cut), proc.returncode, proc.stderr)
+        assert lib.read_bytes() == whole
+    assert kbuild._complete_elf(lib) and [p.name for p in (tmp_path / "kernels").iterdir()] == [lib.name]
