@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,14 @@ def test_truncated_cached_library_is_rebuilt(tmp_path):
         assert proc.returncode == 0 and proc.stdout.strip() == "(True, 'ok')", (len(cut), proc.returncode, proc.stderr)
         assert lib.read_bytes() == whole
     assert kbuild._complete_elf(lib) and [p.name for p in (tmp_path / "kernels").iterdir()] == [lib.name]
+
+
+@pytest.mark.skipif(not kernel_status()[0], reason="needs the kernel to build here")
+def test_built_library_is_readable_by_others_sharing_the_cache(monkeypatch, tmp_path):
+    """The .so gets the mode a compiler gives its output (0755 under umask 022), not mkstemp's private 0600 (0711
+    after linking): another user of a shared L2V_CACHE could not dlopen it and lost the kernel."""
+    from l2v.io import _UMASK
+
+    monkeypatch.setenv("L2V_CACHE", str(tmp_path))
+    lib = kbuild._build(kbuild._compiler())
+    assert stat.S_IMODE(lib.stat().st_mode) == 0o777 & ~_UMASK
