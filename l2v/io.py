@@ -24,10 +24,11 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
-def _publishable(path: Path, directory: bool = False) -> None:
-    """Give a temporary file/dir the mode a plain ``open``/``mkdir`` would (mkstemp/mkdtemp make them private,
-    0600/0700: an exported model or an output file would be unreadable to anyone else on a shared machine)."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+def make_publishable(path: str | os.PathLike, executable: bool = False) -> None:
+    """Give a temporary file (``executable``: a directory or a shared library) the mode a plain ``open``/``mkdir``
+    would (mkstemp/mkdtemp make them private, 0600/0700: an exported model, an output file or a cached kernel
+    would be unreadable to anyone else on a shared machine)."""
+    os.chmod(path, (0o777 if executable else 0o666) & ~_UMASK)
 
 
 @contextmanager
@@ -45,7 +46,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", fsync: bool = False) -
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
-        _publishable(Path(tmp))
+        make_publishable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -83,7 +84,7 @@ def atomic_directory(target: str | os.PathLike, fsync: bool = False) -> Iterator
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
-        _publishable(tmp, directory=True)
+        make_publishable(tmp, executable=True)
         if fsync:
             for f in tmp.rglob("*"):
                 if f.is_file():

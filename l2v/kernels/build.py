@@ -84,7 +84,7 @@ def _build(cc: str, force: bool = False) -> Path:
     A cached library that is not a whole ELF file (or, ``force``, one that failed to load) is built again.
     """
     from ..checkpoints import cache_dir
-    from ..io import _UMASK
+    from ..io import make_publishable
 
     blob = b"".join(src.read_bytes() for src in (*_SOURCES, *_HEADERS)) + " ".join([cc, *_FLAGS]).encode()
     target = cache_dir() / "kernels" / f"l2v_kernels-{hashlib.sha256(blob).hexdigest()[:16]}.so"
@@ -102,7 +102,7 @@ def _build(cc: str, force: bool = False) -> Path:
             os.fsync(fh.fileno())
         if not _complete_elf(Path(tmp)):
             raise RuntimeError(f"{cc} wrote an incomplete library")
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkstemp's 0600 (0711 once linked): others sharing the cache could not load it
+        make_publishable(tmp, executable=True)  # mkstemp's 0600 (0711 linked): others sharing the cache could not load it
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
