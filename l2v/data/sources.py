@@ -80,16 +80,16 @@ def _cached_jsonl(name: str, build: Callable[[], Iterable[dict]], what: str) -> 
     """Rows of ``data_dir()/name``; built once by ``build()`` (written atomically, safe across processes)."""
     path = data_dir() / name
     if path.is_file():
-        rows = []
-        with path.open(encoding="utf-8") as fh:
-            first = fh.readline()
-            try:
-                header = json.loads(first)
-            except json.JSONDecodeError:
-                header = {}
-            if header.get("l2v_format") == FORMAT_VERSION:
-                rows = [json.loads(line) for line in fh if line.strip()]
-                return rows
+        try:
+            with path.open(encoding="utf-8") as fh:
+                header = json.loads(fh.readline())
+                if isinstance(header, dict) and header.get("l2v_format") == FORMAT_VERSION:
+                    rows = [json.loads(line) for line in fh if line.strip()]
+                    # the header's count catches a file cut at a line boundary (copied or edited by hand)
+                    if header.get("rows") == len(rows) and all(isinstance(r, dict) for r in rows):
+                        return rows
+        except (ValueError, OSError):  # JSONDecodeError / UnicodeDecodeError: a corrupt or truncated cache
+            pass
         _note(f"{path}: stale or unreadable cache; rebuilding.")
     _note(f"building {what} into {path} (first use; cached afterwards)...")
     rows = list(build())

@@ -123,6 +123,27 @@ def test_cache_rebuilds_stale_files(cache):
     assert S._cached_jsonl("x.jsonl", build, "x") == [{"a": 1}] and len(calls) == 2
 
 
+def test_cache_rebuilds_corrupt_or_truncated_files(cache):
+    """A cache file cut mid-line (or at a line boundary: fewer rows than its header says) is rebuilt, not
+    parsed into a JSONDecodeError or silently used with rows missing."""
+    calls = []
+
+    def build():
+        calls.append(1)
+        return [{"text": f"sentence {i}"} for i in range(3)]
+
+    rows = S._cached_jsonl("x.jsonl", build, "x")
+    path = cache / "data" / "x.jsonl"
+    full = path.read_text(encoding="utf-8")
+    path.write_text(full[:-10], encoding="utf-8")  # mid-line
+    assert S._cached_jsonl("x.jsonl", build, "x") == rows and len(calls) == 2
+    path.write_text("".join(full.splitlines(keepends=True)[:-1]), encoding="utf-8")  # one whole row lost
+    assert S._cached_jsonl("x.jsonl", build, "x") == rows and len(calls) == 3
+    path.write_bytes(b"\xff\xfe[1]\n")  # not UTF-8, not an object
+    assert S._cached_jsonl("x.jsonl", build, "x") == rows and len(calls) == 4
+    assert S._cached_jsonl("x.jsonl", build, "x") == rows and len(calls) == 4
+
+
 # ------------------------------------------------------------------------------ the real installed data
 def real(fn, *args):
     try:
