@@ -98,7 +98,7 @@ def builtin_corpus(limit: int | None = None) -> list[str]:
             texts = []
     if not texts:
         texts = _lee_sentences()
-    return texts[:limit] if limit else texts
+    return texts[:limit] if limit is not None else texts
 
 
 def hub_corpus(name: str, limit: int | None = None) -> list[str]:
@@ -125,7 +125,7 @@ def hub_corpus(name: str, limit: int | None = None) -> list[str]:
         if not text or (text.startswith("=") and text.endswith("=")):
             continue
         out.append(text)
-        if limit and len(out) >= limit:
+        if limit is not None and len(out) >= limit:
             break
     return out
 
@@ -142,7 +142,7 @@ def load_corpus(spec: str | Path, field: str = "text", limit: int | None = None)
         texts, name = hub_corpus(spec[4:], limit), spec
     else:
         texts, name = read_text_file(spec, field=field), spec
-    if limit:
+    if limit is not None:
         texts = texts[:limit]
     if not texts:
         raise CorpusError(f"{name}: corpus is empty (no non-blank lines); training needs text, one per line.")

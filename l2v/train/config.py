@@ -144,6 +144,8 @@ class TrainConfig:
             positive(name)
         for name in ("warmup_steps", "save_every", "val_size", "eval_every", "keep_checkpoints"):
             positive(name, allow_zero=True)
+        if self.max_texts is not None:  # 0 used to mean "no limit" (every text)
+            positive("max_texts")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}.")
         from ..pooling import check_pooling

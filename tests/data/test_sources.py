@@ -95,6 +95,16 @@ def test_spam_missing_names_the_npm_package(tmp_path, cache, monkeypatch):
         S.spam_assassin_dir()
 
 
+def test_spam_file_list_that_is_not_json_names_the_file(tmp_path, monkeypatch):
+    (tmp_path / "file_list.json").write_text('["easy_ham/1", ', encoding="utf-8")
+    monkeypatch.setattr(S, "spam_assassin_dir", lambda: tmp_path)
+    with pytest.raises(ValueError, match=r"file_list.json: not a JSON list .*reinstall"):
+        list(S._build_spam())
+    (tmp_path / "file_list.json").write_text('{"a": 1}', encoding="utf-8")
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        list(S._build_spam())
+
+
 def test_email_text_reads_subject_and_plain_or_html_body():
     raw = ("From: a@b.c\nSubject: Cheap pills\nMIME-Version: 1.0\nContent-Type: multipart/alternative; "
            'boundary="XX"\n\n--XX\nContent-Type: text/html; charset=unknown-8bit\n\n<html><style>p{}</style>'

@@ -171,6 +171,8 @@ def test_config_file_and_overrides(tmp_path):
     (tmp_path / "bad.yaml").write_text("stepz: 3\n", encoding="utf-8")
     with pytest.raises(ValueError, match="stepz"):
         MNTPConfig.from_file(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="max_texts must be an integer >= 1, got 0"):  # was: every text
+        MNTPConfig(max_texts=0).validate()
     with pytest.raises(ValueError, match="mask_fraction"):
         MNTPConfig(mask_fraction=1.5).validate()
     with pytest.raises(FileNotFoundError):
