@@ -28,13 +28,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..export import export
-    from ..io import check_output_dir, check_replaceable_dir
+    from ..export import check_target, export
 
-    out = check_output_dir(args.outdir, "OUTDIR")
-    check_replaceable_dir(out)  # before loading the model
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:  # before loading the model
-        raise FileExistsError(f"{out}: exists and is not empty; choose a new directory or pass --overwrite.")
+    check_target(args.outdir, args.overwrite, flag="--overwrite")  # before loading the model
     args.fp32_layers = None  # export writes plain layers (no kernel), so there is no kernel/fp32 split to choose
     encoder = load_from_args(args)
     out = export(encoder, args.outdir, sentence_transformers=not args.no_sentence_transformers,
