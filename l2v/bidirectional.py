@@ -74,7 +74,8 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
 
 
-def _is_window(value: object) -> bool:
+def is_limited_window(value: object) -> bool:
+    """Whether a ``sliding_window`` setting actually limits attention (an int below :data:`FULL_WINDOW`)."""
     return isinstance(value, int) and not isinstance(value, bool) and value < FULL_WINDOW
 
 
@@ -117,7 +118,7 @@ def make_bidirectional(model: nn.Module, check: bool = True) -> nn.Module:
     configs = _configs(base)
     previous = [(cfg, getattr(cfg, "is_causal", None)) for cfg in configs]
     windows = [(obj, obj.sliding_window) for obj in [*configs, *_attention_modules(base)]
-               if _is_window(getattr(obj, "sliding_window", None))]
+               if is_limited_window(getattr(obj, "sliding_window", None))]
     for m in changed:
         m.is_causal = False
     for cfg in configs:

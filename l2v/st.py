@@ -33,7 +33,7 @@ import os
 import warnings
 from pathlib import Path
 
-from .bidirectional import FULL_WINDOW
+from .bidirectional import FULL_WINDOW, is_limited_window
 from .encoder import Encoder
 
 _ST_POOLING = {"mean": "mean", "weighted_mean": "weightedmean", "last_token": "lasttoken", "eos": "lasttoken",
@@ -108,8 +108,7 @@ def _widen_sliding_windows(config: dict) -> None:
     transformers' bidirectional sliding mask still cuts at ``|i - j| > sliding_window``, so a plain load of the
     exported config would embed texts longer than the window differently (Mistral v0.1, Phi-3, Gemma 2/3)."""
     for cfg in (config, *(v for v in config.values() if isinstance(v, dict))):  # and nested text_config
-        window = cfg.get("sliding_window")
-        if isinstance(window, int) and not isinstance(window, bool) and window < FULL_WINDOW:
+        if is_limited_window(cfg.get("sliding_window")):
             cfg["sliding_window"] = FULL_WINDOW
 
 
