@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import struct
 import subprocess
@@ -44,11 +45,22 @@ def cpu_has_avx512_bf16() -> bool:
         return False
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
+def _compiler() -> list[str] | str:
+    """The compiler command (``$CC`` split like a shell would, so ``CC="gcc -march=native"`` works), or why none.
+
+    An explicit ``$CC`` that is not on PATH is reported, not silently replaced by another compiler.
+    """
+    env = os.environ.get("CC", "").strip()
+    if env:
+        try:
+            cmd = shlex.split(env)
+        except ValueError as exc:
+            return f"CC={env!r} is not a valid command ({exc})"
+        return cmd if shutil.which(cmd[0]) else f"CC={env!r}: {cmd[0]!r} is not on PATH"
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return [name]
+    return "no C compiler found (install gcc, or set CC)"
 
 
 def _complete_elf(path: Path) -> bool:
@@ -78,7 +90,7 @@ def _complete_elf(path: Path) -> bool:
     return True
 
 
-def _build(cc: str, force: bool = False) -> Path:
+def _build(cc: list[str], force: bool = False) -> Path:
     """Compile the C sources into the cache once per sources/flags/compiler (atomic rename: safe in parallel).
 
     A cached library that is not a whole ELF file (or, ``force``, one that failed to load) is built again.
@@ -86,22 +98,22 @@ def _build(cc: str, force: bool = False) -> Path:
     from ..checkpoints import cache_dir
     from ..io import make_publishable
 
-    blob = b"".join(src.read_bytes() for src in (*_SOURCES, *_HEADERS)) + " ".join([cc, *_FLAGS]).encode()
+    blob = b"".join(src.read_bytes() for src in (*_SOURCES, *_HEADERS)) + " ".join([*cc, *_FLAGS]).encode()
     target = cache_dir() / "kernels" / f"l2v_kernels-{hashlib.sha256(blob).hexdigest()[:16]}.so"
     if not force and target.is_file() and _complete_elf(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"l2v: building its CPU kernels once ({cc}, a few seconds) -> {target}", file=sys.stderr)
+    print(f"l2v: building its CPU kernels once ({' '.join(cc)}, a few seconds) -> {target}", file=sys.stderr)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([*cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{cc[0]} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
         with open(tmp, "rb") as fh:  # on disk before it is published: never a truncated library under the name
             os.fsync(fh.fileno())
         if not _complete_elf(Path(tmp)):
-            raise RuntimeError(f"{cc} wrote an incomplete library")
+            raise RuntimeError(f"{cc[0]} wrote an incomplete library")
         make_publishable(tmp, executable=True)  # mkstemp's 0600 (0711 linked): others sharing the cache could not load it
         os.replace(tmp, target)
     finally:
@@ -120,8 +132,8 @@ def load() -> ctypes.CDLL | None:
             _state["error"] = "switched off by L2V_CPU_KERNEL=0"
         elif not cpu_has_avx512_bf16():
             _state["error"] = "this CPU has no AVX512-BF16"
-        elif (cc := _compiler()) is None:
-            _state["error"] = "no C compiler found (install gcc, or set CC)"
+        elif isinstance(cc := _compiler(), str):
+            _state["error"] = cc
         else:
             try:
                 # torch is imported first, so the kernel's libgomp.so.1 resolves to torch's own OpenMP runtime.

@@ -74,3 +74,27 @@ def test_built_library_is_readable_by_others_sharing_the_cache(monkeypatch, tmp_
     monkeypatch.setenv("L2V_CACHE", str(tmp_path))
     lib = kbuild._build(kbuild._compiler())
     assert stat.S_IMODE(lib.stat().st_mode) == 0o777 & ~_UMASK
+
+
+def test_cc_with_flags_is_split_and_a_missing_cc_is_reported(monkeypatch, tmp_path):
+    """``CC="gcc -O2"`` (a command with flags, as make and setuptools accept) was looked up as one program name and
+    silently replaced by ``cc``; a ``CC`` that is not installed was silently replaced too."""
+    monkeypatch.setattr(kbuild.shutil, "which", lambda name: f"/usr/bin/{name}" if name in ("gcc", "cc") else None)
+    monkeypatch.setenv("CC", "gcc -O2 -march='x86-64-v4'")
+    assert kbuild._compiler() == ["gcc", "-O2", "-march=x86-64-v4"]
+    monkeypatch.setenv("CC", "clang-42")
+    assert kbuild._compiler() == "CC='clang-42': 'clang-42' is not on PATH"
+    monkeypatch.setenv("CC", "gcc 'unterminated")
+    assert "not a valid command" in kbuild._compiler()
+    monkeypatch.delenv("CC")
+    assert kbuild._compiler() == ["cc"]
+
+
+@pytest.mark.skipif(not kernel_status()[0], reason="needs the kernel to build here")
+def test_cc_with_flags_builds(monkeypatch, tmp_path):
+    """The split command really compiles (the flags reach the compiler and key the cache)."""
+    monkeypatch.setenv("L2V_CACHE", str(tmp_path))
+    cc = kbuild._compiler()
+    plain = kbuild._build(cc)
+    flagged = kbuild._build([*cc, "-DL2V_TEST_FLAG=1"])
+    assert plain != flagged and kbuild._complete_elf(flagged)
