@@ -47,7 +47,7 @@ def st_compatibility(encoder: Encoder) -> tuple[bool, str]:
     if encoder.pooling in ("mean", "weighted_mean") and (prefix or suffix):
         return False, (f"the tokenizer adds special tokens {prefix + suffix} that l2v excludes from "
                        f"{encoder.pooling} pooling but sentence-transformers' Pooling includes")
-    if encoder.pooling in ("last_token", "eos"):
+    if encoder.pooling in ("last_token", "eos") and tok.eos_token_id is not None:  # no EOS: l2v appends none
         ids = tok("a", add_special_tokens=True)["input_ids"]
         if not ids or ids[-1] != tok.eos_token_id:
             return False, ("l2v appends an EOS token for last-token pooling but this tokenizer does not add one, "

@@ -95,3 +95,25 @@ def test_default_model_in_sentence_transformers(tmp_path):
     texts = ["A man is playing a guitar.", "Stocks fell sharply on Monday after the report.", "cat"]
     assert cos(st.encode(texts), enc.encode(texts)).min() >= 0.9999
     assert cos(st.encode(texts[:1]), enc.encode(texts[:1])).min() >= 0.9999
+
+
+def test_last_token_without_eos_is_exact(base, tmp_path):
+    """A tokenizer with no EOS token: l2v appends nothing and pools the last text token, exactly what
+    sentence-transformers' last-token Pooling does, so the export is exact (it used to warn 'will differ')."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "no-eos"
+    shutil.copytree(base, folder)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.eos_token = None
+    tok.save_pretrained(folder)
+    enc = Encoder.from_pretrained(str(folder), pooling="last_token", dtype="float32", device="cpu")
+    assert enc.tokenizer.eos_token_id is None
+    assert st_compatibility(enc) == (True, "exact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = export(enc, tmp_path / "exp")
+    st = SentenceTransformer(str(out), device="cpu")
+    assert cos(st.encode(TEXTS, batch_size=4), enc.encode(TEXTS)).min() >= 0.9999
