@@ -128,8 +128,12 @@ class LLM2Vec:
         own before the text; SentencePiece tokenizers need no change (their dummy prefix plays the space). Where
         upstream's count is off (" word" is fewer tokens than "word", so it also pools an instruction token), the
         model still sees upstream's tokens and l2v pools the text's."""
+        seen: dict[str, list[int]] = {}  # each of the (up to 6) strings is tokenised once
+
         def ids(t: str) -> list[int]:
-            return self.tokenizer(t, add_special_tokens=False)["input_ids"]
+            if t not in seen:
+                seen[t] = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+            return seen[t]
 
         joined, n = ids(f"{instruction} {text}"), len(ids(text))
         same_input = [(ins, txt) for ins, txt in ((instruction, text), (instruction, " " + text),
