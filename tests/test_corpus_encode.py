@@ -170,3 +170,51 @@ def test_byte_order_mark_is_not_part_of_the_first_row(setup, tmp_path):
     ids, vecs = load_corpus_embeddings(tmp_path / "o")
     assert ids == ["a", "b"]
     np.testing.assert_allclose(vecs[0], enc.encode(["hello world"])[0], atol=1e-5)
+
+
+def test_resume_refuses_an_edited_input_file(setup, tmp_path):
+    """Shards of the old contents must not be mixed with rows of an edited or replaced file, even one of the same
+    size and path (the manifest used to record only the path and the byte count); restoring it resumes."""
+    d, model, corpus, enc = setup
+    src = tmp_path / "c.jsonl"
+    original = corpus.read_bytes()
+    src.write_bytes(original)
+    out = tmp_path / "o"
+    encode_corpus(enc, _job(src, out, max_shards=2), progress=False)
+    edited = original.replace(b'"doc60"', b'"doc6x"', 1)
+    assert edited != original and len(edited) == len(original)
+    src.write_bytes(edited)
+    with pytest.raises(CorpusError, match=r"c\.jsonl: changed since .* was started \(same size, other contents: "
+                                          r"sha256 was .*2 finished shard.*restore the original file.*new OUTDIR"):
+        encode_corpus(enc, _job(src, out), progress=False)
+    src.write_bytes(original + b'{"id": "extra", "text": "one more"}\n')
+    with pytest.raises(CorpusError, match=rf"size was {len(original)} bytes, now {len(original) + 36}"):
+        encode_corpus(enc, _job(src, out), progress=False)
+    src.write_bytes(original)  # restored (a new mtime): the same contents resume
+    assert encode_corpus(enc, _job(src, out), progress=False)["complete"]
+    ids, _ = load_corpus_embeddings(out)
+    assert ids == [f"doc{i}" for i in range(N)]
+
+
+def test_resume_of_an_outdir_without_input_checksum_warns_and_records_it(setup, tmp_path):
+    """An OUTDIR started by an older l2v (no input_sha256 in corpus.json) still resumes when the size matches,
+    with a warning; the checksum is recorded then, so later resumes are checked."""
+    d, model, corpus, enc = setup
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(corpus.read_bytes())
+    out = tmp_path / "o"
+    encode_corpus(enc, _job(src, out, max_shards=1), progress=False)
+    manifest = json.loads((out / "corpus.json").read_text())
+    manifest.pop("input_sha256", None)
+    (out / "corpus.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    notes: list[str] = []
+    s = encode_corpus(enc, _job(src, out, max_shards=1), progress=False, log=notes.append)
+    assert s["shards_encoded"] == 1
+    assert any("no checksum of the input" in n and "cannot check" in n for n in notes), notes
+    assert "input_sha256" in json.loads((out / "corpus.json").read_text())
+    notes.clear()
+    encode_corpus(enc, _job(src, out, max_shards=1), progress=False, log=notes.append)
+    assert not any("checksum" in n for n in notes)
+    src.write_bytes(corpus.read_bytes().replace(b'"doc60"', b'"doc6x"', 1))
+    with pytest.raises(CorpusError, match="changed since"):
+        encode_corpus(enc, _job(src, out), progress=False)
