@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import atomic_file, atomic_write_text, iter_lines
+from ..io import atomic_directory, atomic_file, atomic_write_text, iter_lines
 
 
 class PairDataError(ValueError):
@@ -282,6 +282,8 @@ def write_pairs(path: str | os.PathLike, examples: Iterable[PairExample | dict])
 
 
 # ------------------------------------------------------------------------ offline default: WordNet pairs
+PAIRS_FORMAT = 1  # bump when build_wordnet_pairs or WORDNET_INSTRUCTIONS change: cached pair folders rebuild
+PAIR_STAMP = "build.json"
 WORDNET_INSTRUCTIONS = {
     "wordnet_usage": "Given a sentence, retrieve the definition of the word sense it uses",
     "wordnet_define": "Given a word and its synonyms, retrieve its dictionary definition",
@@ -346,16 +348,40 @@ def build_wordnet_pairs(entries: Sequence[dict], per_dataset: int = 20000, seed:
     return out
 
 
+def _pair_dir_is_current(folder: Path, stamp: dict) -> bool:
+    from .sources import stamp_is_current
+
+    try:
+        recorded = json.loads((folder / PAIR_STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing (a folder from an older l2v, or none yet) or unreadable
+        return False
+    return stamp_is_current(recorded, stamp) and (folder / "instructions.json").is_file()
+
+
 def default_pair_dir(per_dataset: int = 20000) -> Path:
-    """A directory of offline pair files (``<dataset>.jsonl`` + ``instructions.json``) built from WordNet once."""
-    from .sources import data_dir, wordnet_entries
+    """A directory of offline pair files (``<dataset>.jsonl`` + ``instructions.json``) built from WordNet, cached.
+
+    ``build.json`` records what it was built from (sources.cache_stamp: the WordNet files' fingerprint, the synset
+    format, PAIRS_FORMAT); when any changes the folder is rebuilt, as the other data caches are. It is built beside
+    its place and renamed in whole (io.atomic_directory), so a killed build leaves the previous folder, never a
+    mix of new files under an old completion marker.
+    """
+    from .sources import _note, cache_stamp, data_dir, wordnet_entries, wordnet_files
 
     folder = data_dir() / f"pairs-wordnet-{per_dataset}"
-    if (folder / "instructions.json").is_file():
+    stamp = cache_stamp(wordnet_files, pairs_format=PAIRS_FORMAT, per_dataset=per_dataset)
+    if _pair_dir_is_current(folder, stamp):
         return folder
+    _note(f"building WordNet pairs into {folder}" + (" (its source or format changed)" if folder.exists() else "")
+          + "...")
     built = build_wordnet_pairs(wordnet_entries(), per_dataset=per_dataset)
-    for name, rows in built.items():
-        write_pairs(folder / f"{name}.jsonl", rows)
-    # Written last: marks the folder complete.
-    atomic_write_text(folder / "instructions.json", json.dumps(WORDNET_INSTRUCTIONS, indent=2) + "\n")
+    try:
+        with atomic_directory(folder) as tmp:
+            for name, rows in built.items():
+                write_pairs(tmp / f"{name}.jsonl", rows)
+            atomic_write_text(tmp / "instructions.json", json.dumps(WORDNET_INSTRUCTIONS, indent=2) + "\n")
+            atomic_write_text(tmp / PAIR_STAMP, json.dumps(stamp) + "\n")
+    except OSError:
+        if not _pair_dir_is_current(folder, stamp):  # else another process put the same build in place first
+            raise
     return folder

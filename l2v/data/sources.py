@@ -87,18 +87,30 @@ def _fingerprint(sources: Callable[[], list[Path]] | None) -> list | None:
         return None
 
 
+def cache_stamp(sources: Callable[[], list[Path]] | None, **formats: int) -> dict:
+    """What a cache built from the files ``sources()`` lists records, to be rebuilt when they or the format
+    change: FORMAT_VERSION, the sources' fingerprint, and ``formats`` (a derived cache's own versions)."""
+    return {"l2v_format": FORMAT_VERSION, **formats, "source": _fingerprint(sources)}
+
+
+def stamp_is_current(recorded: object, stamp: dict) -> bool:
+    """True when a cache's recorded stamp matches ``stamp`` (from :func:`cache_stamp`); any source matches when
+    ``stamp`` has none (the source is gone now)."""
+    return isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in stamp.items()
+                                              if k != "source" or v is not None)
+
+
 def _cached_jsonl(name: str, build: Callable[[], Iterable[dict]], what: str,
                   sources: Callable[[], list[Path]] | None = None) -> list[dict]:
     """Rows of ``data_dir()/name``; built once by ``build()`` (written atomically, safe across processes), and
     rebuilt when the files ``sources()`` lists have changed (another WordNet, a reinstalled package)."""
     path = data_dir() / name
-    source = _fingerprint(sources)
+    stamp = cache_stamp(sources)
     if path.is_file():
         try:
             with path.open(encoding="utf-8") as fh:
                 header = json.loads(fh.readline())
-                if isinstance(header, dict) and header.get("l2v_format") == FORMAT_VERSION \
-                        and (source is None or header.get("source") == source):
+                if stamp_is_current(header, stamp):
                     rows = [json.loads(line) for line in fh if line.strip()]
                     # the header's count catches a file cut at a line boundary (copied or edited by hand)
                     if header.get("rows") == len(rows) and all(isinstance(r, dict) for r in rows):
@@ -109,7 +121,7 @@ def _cached_jsonl(name: str, build: Callable[[], Iterable[dict]], what: str,
     _note(f"building {what} into {path} (first use; cached afterwards)...")
     rows = list(build())
     with atomic_file(path) as fh:
-        fh.write(json.dumps({"l2v_format": FORMAT_VERSION, "rows": len(rows), "source": source}) + "\n")
+        fh.write(json.dumps({**stamp, "rows": len(rows)}) + "\n")
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return rows
@@ -133,6 +145,11 @@ def wordnet_dir() -> Path:
         + ". Install them with:\n    apt-get install wordnet-base      (Debian/Ubuntu)\n"
         "or point $L2V_WORDNET_DIR at a WordNet 3.0 'dict' folder."
     )
+
+
+def wordnet_files() -> list[Path]:
+    """The data files :func:`wordnet_entries` reads (caches built from them are stamped with their fingerprint)."""
+    return [wordnet_dir() / f"data.{f}" for f in _POS_FILES.values()]
 
 
 def _clean_lemma(word: str) -> str:
@@ -196,8 +213,7 @@ def wordnet_entries(pos: str | None = None) -> list[dict]:
     """
     if pos is not None and pos not in _POS_FILES:
         raise ValueError(f"pos must be one of n, v, a, r (or None), got {pos!r}.")
-    rows = _cached_jsonl("wordnet.jsonl", _build_wordnet, "WordNet synsets",
-                         sources=lambda: [wordnet_dir() / f"data.{f}" for f in _POS_FILES.values()])
+    rows = _cached_jsonl("wordnet.jsonl", _build_wordnet, "WordNet synsets", sources=wordnet_files)
     return [r for r in rows if pos is None or r["pos"] == pos]
 
 

@@ -6,10 +6,12 @@ import json
 
 import pytest
 
+from l2v.data import pairs as P
 from l2v.data.pairs import (
     PairBatchSampler,
     PairDataError,
     build_wordnet_pairs,
+    default_pair_dir,
     load_pairs,
 )
 
@@ -126,3 +128,81 @@ def test_wordnet_pairs_have_hard_negatives_from_other_senses():
     assert out["wordnet_define"][1]["query"] == "bank, riverside"
     for row in out["wordnet_synonyms"]:
         assert row["negative"].lower() not in {row["query"].lower(), row["positive"].lower()}
+
+
+DOG = ("02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 001 @ 02083346 n 0000 | a member of the genus "
+       'Canis; "the dog barked all night"')
+CAT = '02121620 05 n 02 cat 0 true_cat 0 000 | a feline mammal with soft fur; "the cat sat on the mat"'
+
+
+@pytest.fixture
+def wordnet(tmp_path, monkeypatch):
+    """A two-synset WordNet ``dict`` folder and an empty cache; returns a function that rewrites data.noun."""
+    monkeypatch.setenv("L2V_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "dict"
+    folder.mkdir()
+    for pos in ("verb", "adj", "adv"):
+        (folder / f"data.{pos}").write_text("")
+    monkeypatch.setenv("L2V_WORDNET_DIR", str(folder))
+
+    def set_nouns(*lines):
+        (folder / "data.noun").write_text("".join(line + "\n" for line in lines))
+
+    set_nouns(DOG)
+    return set_nouns
+
+
+def _define_queries(folder):
+    return [json.loads(line)["query"] for line in (folder / "wordnet_define.jsonl").read_text().splitlines()]
+
+
+def test_wordnet_pair_cache_follows_its_source_and_format(wordnet, monkeypatch):
+    """The pair folder is rebuilt when WordNet changes or the pair format does (it used to be reused for ever,
+    keyed only by per_dataset); unchanged, it is reused."""
+    out = default_pair_dir(per_dataset=5)
+    assert _define_queries(out) == ["dog, domestic dog, Canis familiaris"]
+    assert json.loads((out / "instructions.json").read_text()) == P.WORDNET_INSTRUCTIONS
+    wordnet(DOG, CAT)
+    assert default_pair_dir(per_dataset=5) == out
+    assert _define_queries(out) == ["dog, domestic dog, Canis familiaris", "cat, true cat"]
+    builds = []
+    real_build = P.build_wordnet_pairs
+    monkeypatch.setattr(P, "build_wordnet_pairs", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    default_pair_dir(per_dataset=5)
+    assert builds == []  # current: reused
+    monkeypatch.setattr(P, "PAIRS_FORMAT", P.PAIRS_FORMAT + 1)
+    default_pair_dir(per_dataset=5)
+    assert builds == [1]
+    default_pair_dir(per_dataset=5)
+    assert builds == [1]
+
+
+def test_wordnet_pair_rebuild_is_all_or_nothing(wordnet, monkeypatch):
+    """A rebuild killed part way leaves the previous complete folder (not new files beside old ones under the old
+    completion marker), and the next call builds it whole; a folder from before build stamps is rebuilt once."""
+    out = default_pair_dir(per_dataset=5)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    wordnet(DOG, CAT)
+    real_write = P.write_pairs
+    calls = []
+
+    def dies_on_second_file(path, rows):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(path, rows)
+
+    monkeypatch.setattr(P, "write_pairs", dies_on_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        default_pair_dir(per_dataset=5)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name, "wordnet.jsonl"]  # no temp folder left
+    monkeypatch.setattr(P, "write_pairs", real_write)
+    assert _define_queries(default_pair_dir(per_dataset=5)) == ["dog, domestic dog, Canis familiaris", "cat, true cat"]
+    # a folder written by an older l2v: complete by its old marker, but its source is unknown
+    legacy = out.parent / "pairs-wordnet-7"
+    legacy.mkdir()
+    (legacy / "wordnet_define.jsonl").write_text(json.dumps({"query": "old", "positive": "stale"}) + "\n")
+    (legacy / "instructions.json").write_text(json.dumps(P.WORDNET_INSTRUCTIONS))
+    assert _define_queries(default_pair_dir(per_dataset=7)) == ["dog, domestic dog, Canis familiaris",
+                                                                "cat, true cat"]
