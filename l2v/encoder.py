@@ -57,13 +57,25 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_supports_bf16(device: torch.device) -> bool:
+    """True when ``device`` runs bf16 natively: compute capability 8.0+ (A100, H100, RTX 30xx/40xx) or ROCm.
+
+    Not ``torch.cuda.is_bf16_supported()``: that also answers True on a T4 or V100, where bf16 is only emulated
+    (no bf16 tensor cores, and SDPA's fused kernels refuse it), and it asks about the current device, not ``device``.
+    """
+    if torch.version.hip:
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """``None``/"auto": bf16 where the hardware runs it natively, else fp16 on CUDA and fp32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_supports_bf16(device) else torch.float16
         if device.type == "cpu" and cpu_supports_bf16():
             return torch.bfloat16
         return torch.float32

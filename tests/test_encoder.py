@@ -361,6 +361,23 @@ def test_dtype_resolution():
         resolve_dtype("int3", cpu)
 
 
+def test_auto_dtype_on_cuda_is_bf16_only_where_native(monkeypatch):
+    """torch.cuda.is_bf16_supported() says True on a T4/V100 (emulated bf16); 'auto' must pick fp16 there, and ask
+    about the device given (cuda:1), not the current one. Simulated: no GPU is needed."""
+    from l2v.encoder import resolve_dtype
+
+    capability = {0: (7, 5), 1: (8, 0)}  # a T4 as cuda:0, an A100 as cuda:1
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[device])
+    assert resolve_dtype("auto", torch.device("cuda:0")) == torch.float16
+    assert resolve_dtype(None, torch.device("cuda")) == torch.float16  # the current device, cuda:0
+    assert resolve_dtype("auto", torch.device("cuda:1")) == torch.bfloat16
+    assert resolve_dtype("bfloat16", torch.device("cuda:0")) == torch.bfloat16  # asked for explicitly
+
+
 # ---------------------------------------------------------------- the bf16 CPU kernel (l2v.kernels)
 def _kernel_available() -> bool:
     from l2v.kernels import kernel_status
