@@ -101,6 +101,15 @@ def grad_scaler(dtype: str, device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type if fp16 else "cpu", enabled=fp16)
 
 
+def _loss_scale(scaler: torch.amp.GradScaler, device: torch.device) -> float:
+    """The scaler's current factor for an objective that runs its own backward (1.0 when disabled).
+
+    Through ``scaler.scale()``, not ``get_scale()``: that call also creates the scaler's state on first use, which
+    ``unscale_``/``update`` need (with ``get_scale()`` alone the first fp16 step failed "_scale is None").
+    """
+    return float(scaler.scale(torch.ones((), device=device)))
+
+
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     warm, total = cfg.warmup_steps, cfg.steps
 
@@ -334,7 +343,7 @@ def train(
                 batch = objective.collate([objective.examples[i] for i in idx], batch_generator(cfg.seed, m))
                 with autocast:
                     if own_backward:
-                        loss, extra = own_backward(batch, scaler.get_scale() / cfg.grad_accum)
+                        loss, extra = own_backward(batch, _loss_scale(scaler, device) / cfg.grad_accum)
                     else:
                         loss, extra = objective.loss(batch)
                 if not torch.isfinite(loss):
