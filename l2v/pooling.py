@@ -14,14 +14,25 @@ import torch
 POOLING_MODES = ("mean", "weighted_mean", "last_token", "eos", "bos")
 
 
+def _summable(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` in a dtype whose sums over a text cannot overflow: fp16 (max 65504) is summed in fp32.
+
+    In fp16 the weights of a weighted mean alone overflow from 362 pooled tokens (362 * 363 / 2 > 65504), and a
+    plain mean of 512 states near 128 does too: the vector came out NaN/inf. bf16 and fp32 have fp32's range.
+    """
+    return hidden.float() if hidden.dtype == torch.float16 else hidden
+
+
 def mean_pool(hidden: torch.Tensor, pool_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Average of the text's token states."""
+    hidden = _summable(hidden)
     m = pool_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 def weighted_mean_pool(hidden: torch.Tensor, pool_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Position-weighted mean (SGPT): the k-th pooled token has weight k, favouring tokens that saw more text."""
+    hidden = _summable(hidden)
     w = pool_mask.long().cumsum(1) * pool_mask.long()
     w = w.to(hidden.dtype).unsqueeze(-1)
     return (hidden * w).sum(1) / w.sum(1).clamp_min(1)

@@ -39,3 +39,16 @@ def test_mean_with_empty_pool_mask_is_finite():
 def test_unknown_mode():
     with pytest.raises(ValueError, match="pooling='max'"):
         pool("max", H, POOL, ATTN)
+
+
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean"])
+def test_fp16_states_pool_without_overflow(mode):
+    """fp16 models (dtype='auto' on a T4/V100, or --dtype float16): the sums of a long text overflowed fp16's 65504,
+    so a 400-token text came out NaN (weighted_mean) or inf (mean of states near 200)."""
+    n = 400
+    hidden = torch.full((1, n, 4), 200.0, dtype=torch.float16)
+    hidden[0, :, 1] = -3.0
+    mask = torch.ones(1, n, dtype=torch.bool)
+    out = pool(mode, hidden, mask, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), pool(mode, hidden.float(), mask, mask))
