@@ -72,13 +72,18 @@ def current() -> DistInfo:
 def init_distributed(backend: str | None = None, device: str | None = None) -> tuple[DistInfo, torch.device]:
     """Join the process group described by the environment, if any; return (info, device for this rank).
 
-    ``backend``: default ``nccl`` when CUDA is used, else ``gloo``. Each rank uses GPU ``LOCAL_RANK``.
-    Calling it twice, or in a plain single-process run, is harmless.
+    ``backend``: default ``nccl`` when CUDA is used, else ``gloo``. Each rank uses GPU ``LOCAL_RANK``; a single
+    process uses the GPU ``device`` names (``cuda:1``), else GPU 0. Calling it twice, or in a plain single-process
+    run, is harmless.
     """
     info = env_info()
     use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     if use_cuda:
-        dev = torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
+        named = torch.device(device) if device is not None else None
+        if not info.distributed and named is not None and named.index is not None:
+            dev = named  # --device cuda:1 in a single process (a launcher's ranks each take GPU LOCAL_RANK)
+        else:
+            dev = torch.device("cuda", info.local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(dev)
     else:
         dev = torch.device(device) if device is not None else torch.device("cpu")

@@ -80,3 +80,25 @@ def test_shard_rows_and_env(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ValueError, match="RANK"):
         D.env_info()
+
+
+def test_single_process_keeps_the_named_gpu(monkeypatch):
+    """--device cuda:1 without a launcher trained on cuda:0 (the GPU index came from LOCAL_RANK, default 0) while
+    the loop believed cuda:1. Simulated: no GPU is needed."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert D.init_distributed(device="cuda:1")[1] == torch.device("cuda", 1)
+    assert D.init_distributed(device="cuda")[1] == torch.device("cuda", 0)
+    assert D.init_distributed(device=None)[1] == torch.device("cuda", 0)
+    assert D.init_distributed(device="cpu")[1] == torch.device("cpu")
+    assert chosen == [torch.device("cuda", 1), torch.device("cuda", 0), torch.device("cuda", 0)]
+    # Under a launcher every rank takes GPU LOCAL_RANK, whatever index --device names.
+    rank1 = D.DistInfo(rank=1, world_size=2, local_rank=1)
+    monkeypatch.setattr(D, "env_info", lambda: rank1)
+    monkeypatch.setattr(D, "current", lambda: rank1)
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)  # the process group exists already
+    assert D.init_distributed(device="cuda:0")[1] == torch.device("cuda", 1)
