@@ -343,7 +343,7 @@ def train(
                 batch = objective.collate([objective.examples[i] for i in idx], batch_generator(cfg.seed, m))
                 with autocast:
                     if own_backward:
-                        loss, extra = own_backward(batch, _loss_scale(scaler, device) / cfg.grad_accum)
+                        loss, extra = own_backward(batch, _loss_scale(scaler, params[0].device) / cfg.grad_accum)
                     else:
                         loss, extra = objective.loss(batch)
                 if not torch.isfinite(loss):
