@@ -151,7 +151,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np_state = [x.numpy() if isinstance(x, torch.Tensor) else x for x in state["numpy"]]
     np.random.set_state(tuple(np_state))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Resumed on fewer GPUs than it was saved on: restore the ones there are (set_rng_state_all raised
+        # IndexError for the others).
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def _tuplify(x: Any) -> Any:

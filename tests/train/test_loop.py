@@ -263,3 +263,24 @@ def test_fp16_autocast_scales_the_loss_so_small_gradients_survive(tmp_path):
     resumed = L.train(TrainConfig(output_dir=str(tmp_path / "run"), resume=True, **{**kw, "steps": 3}),
                       _TinyGradient())
     assert resumed["resumed_from"].endswith("step-0000002")
+
+
+def test_resume_on_fewer_gpus_restores_the_cuda_rng_it_can(monkeypatch):
+    """A checkpoint saved with 2 GPUs' RNG states, resumed where there is 1: torch.cuda.set_rng_state_all raised
+    IndexError for the missing GPU, so the resume failed. Simulated: no GPU is needed."""
+    restored = []
+
+    def fake_set_rng_state(new_state, device="cuda"):
+        index = device if isinstance(device, int) else torch.device(device).index
+        if index >= 1:
+            raise IndexError("tuple index out of range")  # torch.cuda.default_generators[index]
+        restored.append(index)
+
+    state = L._rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", fake_set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", fake_set_rng_state)
+    L._set_rng_state(state)
+    assert restored == [0]
