@@ -52,6 +52,7 @@ class Objective:
     """What a training objective gives the loop. Subclass and fill in; see the module docstring."""
 
     name = "objective"
+    distributed = False  # True: setup() joins the launcher's process group and splits the work over its ranks
     model: nn.Module
     examples: Sequence[Any]
     val_examples: Sequence[Any] = ()
@@ -258,6 +259,13 @@ def train(
     from ..encoder import Encoder, default_device
 
     cfg.validate()
+    from .distributed import env_info
+
+    world = env_info().world_size
+    if world > 1 and not objective.distributed:
+        raise TrainingError(f"l2v train {objective.name} runs in one process, but a launcher started {world} "
+                            "(WORLD_SIZE): each would train its own copy on the same GPU into the same "
+                            "--output-dir. Run it without torchrun/accelerate (train supervised is distributed).")
     run_dir = Path(cfg.output_dir)
     existing = _check_run_dir(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -199,6 +199,7 @@ class SupervisedObjective(Objective):
     forward/backward (plain or GradCache, gathered across ranks) and gradient synchronisation."""
 
     name = "supervised"
+    distributed = True
 
     def __init__(self, data: PairData | None = None) -> None:
         self.data = data

@@ -284,3 +284,13 @@ def test_resume_on_fewer_gpus_restores_the_cuda_rng_it_can(monkeypatch):
     monkeypatch.setattr(torch.cuda.random, "set_rng_state", fake_set_rng_state)
     L._set_rng_state(state)
     assert restored == [0]
+
+
+def test_single_process_objectives_refuse_a_launcher(tiny_dir, corpus, tmp_path, monkeypatch):
+    """Under torchrun, simcse/mntp (no process group of their own) ran one full copy per rank, every copy on
+    the same GPU and writing the same output directory. They now stop before loading anything."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(L.TrainingError, match="train simcse runs in one process.*WORLD_SIZE"):
+        L.train(simcse_cfg(tiny_dir, corpus, tmp_path / "run"), SimCSEObjective())
+    assert not (tmp_path / "run").exists()
