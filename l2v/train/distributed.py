@@ -1,4 +1,5 @@
-"""torch.distributed plumbing for contrastive training: one code path from 1 CPU to many GPUs on many nodes.
+"""torch.distributed plumbing for training (supervised, SimCSE, MNTP): one code path from 1 CPU to many GPUs on many
+nodes.
 
 * :func:`init_distributed` reads the environment that ``torchrun`` and ``accelerate launch`` both set
   (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); without it, it is a no-op and the
@@ -10,12 +11,15 @@
   or equivalently the loss is multiplied by the world size before a mean-reducing step (what DDP does).
 * :func:`shard_rows` gives each rank its contiguous slice of a global batch: the batch sampler is seeded
   identically on every rank, so the global batch — and hence the loss — is the same as with one process.
+* :func:`rank_rng` gives each rank its own dropout noise for one step while the ranks' shared RNG streams (the
+  state a checkpoint saves from rank 0 and every rank reloads) stay in lockstep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -157,16 +161,58 @@ def all_reduce_mean(value: float) -> float:
     return float(t.item()) / info.world_size
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over ranks (a new tensor; on the rank's GPU under nccl). Itself without a process group."""
+    if not current().distributed:
+        return values
+    out = values.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+@contextlib.contextmanager
+def rank_rng(device: torch.device | str) -> Iterator[None]:
+    """Inside: torch's CPU RNG and ``device``'s CUDA RNG are reseeded per rank (dropout masks differ across ranks).
+
+    Every rank starts a step with the same RNG state (seeded alike; a resumed run reloads rank 0's checkpointed
+    state on every rank), so without this rank r's rows would get exactly rank 0's dropout masks. The seed mixes
+    one draw from the shared generator (identical on all ranks, so their shared streams advance in lockstep and a
+    checkpoint stays valid for all of them) with the rank; on exit the forked state is dropped. Without a process
+    group it does nothing (a single process keeps drawing from the global stream, as before).
+    """
+    info = current()
+    if not info.distributed:
+        yield
+        return
+    device = torch.device(device)
+    draw = int(torch.randint(0, 2**62, ()))  # the same number on every rank
+    seed = (draw * 1_000_003 + info.rank) % 2**63
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)  # this rank's GPU only (manual_seed would reseed every GPU)
+        yield
+
+
+def shard_span(n: int, info: DistInfo | None = None) -> tuple[int, int]:
+    """[start, stop) of this rank's contiguous share of a global batch of ``n`` rows (``n`` must divide evenly)."""
+    info = info or current()
+    if n % info.world_size:
+        raise ValueError(f"global batch of {n} rows does not split evenly over {info.world_size} ranks; "
+                         f"use a batch size that is a multiple of {info.world_size}.")
+    per = n // info.world_size
+    return info.rank * per, (info.rank + 1) * per
+
+
 def shard_rows(rows: Sequence[T], info: DistInfo | None = None) -> list[T]:
     """This rank's contiguous share of a global batch (the batch size must divide evenly by the world size)."""
     info = info or current()
     if info.world_size == 1:
         return list(rows)
-    if len(rows) % info.world_size:
-        raise ValueError(f"global batch of {len(rows)} rows does not split evenly over {info.world_size} ranks; "
-                         f"use a batch size that is a multiple of {info.world_size}.")
-    per = len(rows) // info.world_size
-    return list(rows[info.rank * per:(info.rank + 1) * per])
+    lo, hi = shard_span(len(rows), info)
+    return list(rows[lo:hi])
 
 
 def barrier() -> None:

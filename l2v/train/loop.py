@@ -16,6 +16,12 @@ Adding an objective::
         def evaluate(self): return {"val_loss": ...}                  # optional
         def save(self, out_dir): ...                                  # the final artefact
     train(MyConfig(...), MyObjective())
+
+Under a launcher (``torchrun`` / ``accelerate launch``, ``WORLD_SIZE`` > 1) every rank runs this loop over the
+same seeded global batches. An objective that sets ``distributed = True`` (mntp, simcse, supervised) joins the
+process group in ``setup()`` (:func:`join_launcher`), computes the global loss from its own rows
+(``forward_backward``), sums gradients over ranks (``sync_gradients``) and writes only on rank 0 (``is_main``);
+any other objective is refused there rather than trained once per rank.
 """
 
 from __future__ import annotations
@@ -74,6 +80,19 @@ class Objective:
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+
+def join_launcher(cfg: TrainConfig, device: torch.device) -> tuple[Any, torch.device]:
+    """For the ``setup()`` of a distributed objective: check that ``--batch-size`` (the global batch) splits evenly
+    over the launcher's ranks, then join its process group. Returns (:class:`~l2v.train.distributed.DistInfo`,
+    this rank's device: GPU ``LOCAL_RANK`` under a launcher). A single process gets rank 0 of 1 and its device."""
+    from . import distributed as D
+
+    world = D.env_info().world_size
+    if cfg.batch_size % world:
+        raise TrainingError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks (it is the "
+                            "global batch).")
+    return D.init_distributed(device=cfg.device if cfg.device else (None if device.type == "cuda" else str(device)))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -265,7 +284,7 @@ def train(
     if world > 1 and not objective.distributed:
         raise TrainingError(f"l2v train {objective.name} runs in one process, but a launcher started {world} "
                             "(WORLD_SIZE): each would train its own copy on the same GPU into the same "
-                            "--output-dir. Run it without torchrun/accelerate (train supervised is distributed).")
+                            "--output-dir. Run it without torchrun/accelerate (train mntp, simcse and supervised are distributed).")
     run_dir = Path(cfg.output_dir)
     existing = _check_run_dir(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -289,9 +308,10 @@ def train(
     if n < cfg.batch_size:
         raise TrainingError(f"{cfg.data}: only {n} training examples, fewer than one batch "
                             f"(--batch-size {cfg.batch_size}); give more text or a smaller batch size.")
-    # Optional objective hooks (supervised uses them): batches(epoch) picks each epoch's batches itself (one
-    # dataset per batch); forward_backward(batch, scale) runs its own backward (GradCache, cross-rank gather);
-    # sync_gradients() runs before clipping (torch.distributed); is_main=False silences writes on other ranks.
+    # Optional objective hooks: batches(epoch) picks each epoch's batches itself (supervised: one dataset per
+    # batch); forward_backward(batch, scale) runs its own backward (GradCache, cross-rank gather: supervised, and
+    # mntp/simcse under a launcher); sync_gradients() runs before clipping (torch.distributed); is_main=False
+    # silences writes on other ranks.
     custom_batches = getattr(objective, "batches", None)
     own_backward = getattr(objective, "forward_backward", None)
     main = getattr(objective, "is_main", True)

@@ -4,6 +4,13 @@ A fraction of the text tokens (never special tokens, never the first position) i
 bidirectional model must recover each masked token at position ``i`` from the LM head applied to the hidden
 state at ``i - 1`` (the head predicts the *next* token). The LM head is applied only at those positions, so its
 49k-wide matmul costs ``masked tokens x vocab`` instead of ``all tokens x vocab``.
+
+Distributed (``torchrun`` / ``accelerate launch``): ``--batch-size`` is the global batch. Every rank masks the
+whole global batch with the same generator (the positions one process would pick), then keeps its own rows,
+cropped to their own longest row (:func:`shard_masked_batch`). Its loss is the sum of cross-entropy over its
+masked tokens divided by the global number of masked tokens, so the losses of all ranks add up to the global mean
+and summing gradients over ranks gives the single-process gradient; the logged loss, accuracy and masked count
+are the global ones (one all-reduce).
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ import torch.nn.functional as F
 
 from ..data.corpus import load_corpus
 from ..encoder import Tokenized
+from . import distributed as D
 from .config import MNTPConfig
-from .loop import Objective, TrainingError
+from .loop import Objective, TrainingError, join_launcher
 from .lora import build_trainable, save_encoder_dir
 
 NEW_MASK_TOKEN = "<|l2v_mask|>"
@@ -68,14 +76,39 @@ def mask_batch(batch: dict[str, torch.Tensor], fraction: float, mask_id: int, sp
     return {**batch, "input_ids": masked, "mask_rows": rows_t, "mask_cols": cols_t, "labels": labels}
 
 
+def shard_masked_batch(batch: dict[str, torch.Tensor], info: D.DistInfo) -> dict[str, torch.Tensor]:
+    """This rank's contiguous rows of a masked global batch, cropped to the columns they use (padding to the global
+    batch's longest row is dropped on either side), with the masked positions renumbered. Adds ``global_masked``:
+    the number of masked tokens in the whole global batch."""
+    n = batch["input_ids"].shape[0]
+    lo, hi = D.shard_span(n, info)
+    used = batch["attention_mask"][lo:hi].bool().any(0).nonzero().flatten()
+    c0, c1 = int(used[0]), int(used[-1]) + 1
+    rows = batch["mask_rows"]
+    mine = (rows >= lo) & (rows < hi)
+    out = {k: v[lo:hi, c0:c1] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] == n else v
+           for k, v in batch.items() if k not in ("mask_rows", "mask_cols", "labels")}
+    out.update(mask_rows=rows[mine] - lo, mask_cols=batch["mask_cols"][mine] - c0, labels=batch["labels"][mine],
+               global_masked=torch.tensor(rows.numel()))
+    return out
+
+
 class MNTPObjective(Objective):
     name = "mntp"
+    distributed = True
+    info = D.DistInfo()
+    is_main = True
+    forward_backward = None  # under a launcher: _forward_backward_sharded (the loop then skips loss())
 
     def __init__(self, texts: Sequence[str] | None = None) -> None:
         self.texts = list(texts) if texts is not None else None
 
     def setup(self, cfg: MNTPConfig, device: torch.device) -> None:
         self.cfg = cfg
+        self.info, device = join_launcher(cfg, device)
+        self.is_main = self.info.is_main
+        if self.info.distributed:
+            self.forward_backward = self._forward_backward_sharded
         new = [NEW_MASK_TOKEN] if cfg.mask_token == "new" else None
         self.encoder, self.head, self.start = build_trainable(cfg, lm_head=True, device=device, new_tokens=new)
         self.model = self.encoder
@@ -94,6 +127,11 @@ class MNTPObjective(Objective):
         self.examples = items[n_val:]
 
     def collate(self, examples: Sequence[Tokenized], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The masked global batch; under a launcher, this rank's rows of it (masked as one process masks them)."""
+        batch = self._masked(examples, generator)
+        return shard_masked_batch(batch, self.info) if self.info.distributed else batch
+
+    def _masked(self, examples: Sequence[Tokenized], generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch = self.encoder.collate(examples)
         return mask_batch(batch, self.cfg.mask_fraction, self.mask_id, self.special_ids, generator)
 
@@ -110,11 +148,29 @@ class MNTPObjective(Objective):
         acc = (logits.argmax(-1) == labels).float().mean().item()
         return loss, {"acc": acc, "masked": float(labels.numel())}
 
+    def _forward_backward_sharded(self, batch: dict[str, Any],
+                                  loss_scale: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """Backward of (CE summed over this rank's masked tokens) / (masked tokens of the global batch): this rank's
+        share of the global mean loss. Returns the global loss and metrics (the same on every rank)."""
+        count = int(batch["global_masked"])
+        with D.rank_rng(self.encoder.device):
+            logits = self.logits(batch)
+            labels = batch["labels"].to(logits.device)
+            ce = F.cross_entropy(logits, labels, reduction="sum")
+            (ce * (loss_scale / count)).backward()
+        correct = (logits.argmax(-1) == labels).sum()
+        total = D.all_reduce_sum(torch.stack([ce.detach().double(), correct.double()]))
+        return (total[0] / count).float(), {"acc": float(total[1]) / count, "masked": float(count)}
+
+    def sync_gradients(self) -> None:
+        D.all_reduce_gradients([p for _, p in self.trainable_parameters()], average=False)  # no-op in 1 process
+
     def evaluate(self) -> dict[str, float]:
         total_loss, correct, count = 0.0, 0, 0
         bs = self.cfg.batch_size
         for b, s in enumerate(range(0, len(self.val_examples), bs)):
-            batch = self.collate(self.val_examples[s:s + bs], torch.Generator().manual_seed(10_007 + b))
+            # every rank evaluates the whole held-out set (as supervised does); only rank 0 logs it
+            batch = self._masked(self.val_examples[s:s + bs], torch.Generator().manual_seed(10_007 + b))
             logits = self.logits(batch)
             labels = batch["labels"].to(logits.device)
             total_loss += F.cross_entropy(logits, labels, reduction="sum").item()

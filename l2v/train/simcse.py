@@ -2,6 +2,13 @@
 dropout 0.3, LoRA dropout 0.05); the two views of a sentence are positives, every other sentence in the batch a
 negative (InfoNCE on cosine similarity x 20). Both views run as one forward pass over the doubled batch: dropout
 masks are drawn independently per row, and the larger matmuls run faster than two half-size passes.
+
+Distributed (``torchrun`` / ``accelerate launch``): ``--batch-size`` is the global batch. Each rank encodes both
+views of its own slice of it, all-gathers the views (its own rows keep their graph) and computes InfoNCE over the
+*global* batch, so every sentence's negatives are all other sentences of the global batch, as with one process;
+gradients are summed over ranks (:mod:`l2v.train.distributed`). Each rank reseeds its dropout for the step from
+the shared RNG and its rank (:func:`~l2v.train.distributed.rank_rng`): otherwise all ranks would draw the same
+masks.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ import torch.nn.functional as F
 
 from ..data.corpus import load_corpus
 from ..encoder import Tokenized
+from . import distributed as D
 from .config import SimCSEConfig
-from .loop import Objective, TrainingError
+from .loop import Objective, TrainingError, join_launcher
 from .lora import build_trainable, save_encoder_dir
 
 
@@ -29,12 +37,20 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tens
 
 class SimCSEObjective(Objective):
     name = "simcse"
+    distributed = True
+    info = D.DistInfo()
+    is_main = True
+    forward_backward = None  # under a launcher: _forward_backward_sharded (the loop then skips loss())
 
     def __init__(self, texts: Sequence[str] | None = None) -> None:
         self.texts = list(texts) if texts is not None else None
 
     def setup(self, cfg: SimCSEConfig, device: torch.device) -> None:
         self.cfg = cfg
+        self.info, device = join_launcher(cfg, device)
+        self.is_main = self.info.is_main
+        if self.info.distributed:
+            self.forward_backward = self._forward_backward_sharded
         self.encoder, _, self.start = build_trainable(
             cfg, lm_head=False, device=device, config_overrides={"attention_dropout": cfg.attention_dropout})
         self.model = self.encoder
@@ -51,6 +67,10 @@ class SimCSEObjective(Objective):
         self.examples = items[n_val:]
 
     def collate(self, examples: Sequence[Tokenized], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Both views of the global batch; under a launcher, of this rank's slice of it only."""
+        return self._views(D.shard_rows(examples, self.info))
+
+    def _views(self, examples: Sequence[Tokenized]) -> dict[str, torch.Tensor]:
         return self.encoder.collate(list(examples) + list(examples))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -58,6 +78,19 @@ class SimCSEObjective(Objective):
         a, b = emb.chunk(2)
         loss, acc = info_nce(a, b, self.cfg.scale)
         return loss, {"acc": acc.item()}
+
+    def _forward_backward_sharded(self, batch: dict[str, torch.Tensor],
+                                  loss_scale: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """This rank's views -> gathered global views -> the global InfoNCE (same value on every rank); backward
+        leaves this rank's share of the global gradient (summed over ranks by :meth:`sync_gradients`)."""
+        with D.rank_rng(self.encoder.device):
+            a, b = self.encoder(batch).chunk(2)
+            loss, acc = info_nce(D.gather_with_grad(a), D.gather_with_grad(b), self.cfg.scale)
+            (loss * loss_scale).backward()
+        return loss.detach(), {"acc": acc.item()}
+
+    def sync_gradients(self) -> None:
+        D.all_reduce_gradients([p for _, p in self.trainable_parameters()], average=False)  # no-op in 1 process
 
     def evaluate(self) -> dict[str, float]:
         """Held-out InfoNCE with dropout on (as in training), under a fixed RNG that leaves training's untouched."""
@@ -70,7 +103,7 @@ class SimCSEObjective(Objective):
                 chunk = self.val_examples[s:s + bs]
                 if len(chunk) < 2:
                     continue
-                loss, _ = self.loss(self.collate(chunk, torch.Generator()))
+                loss, _ = self.loss(self._views(chunk))  # every rank evaluates the whole held-out set
                 total += loss.item() * len(chunk)
                 n += len(chunk)
         return {"val_loss": total / n} if n else {}

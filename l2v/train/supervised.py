@@ -27,7 +27,7 @@ from ..data.pairs import PairBatchSampler, PairData, PairExample, default_pair_d
 from . import distributed as D
 from .config import TrainConfig
 from .gradcache import gradcache_backward, plain_backward
-from .loop import Objective, TrainingError
+from .loop import Objective, join_launcher
 
 
 def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None,
@@ -208,12 +208,8 @@ class SupervisedObjective(Objective):
         from .lora import build_trainable
 
         self.cfg = cfg
-        self.info, dev = D.init_distributed(device=cfg.device if cfg.device else (
-            None if device.type == "cuda" else str(device)))
+        self.info, dev = join_launcher(cfg, device)
         self.is_main = self.info.is_main
-        if cfg.batch_size % self.info.world_size:
-            raise TrainingError(f"--batch-size {cfg.batch_size} must be a multiple of the {self.info.world_size} "
-                                "ranks (it is the global batch).")
         if self.data is None:
             paths, instr = _data_paths(cfg)
             self.data = load_pairs(paths, skip_bad_lines=cfg.skip_bad_lines, instructions=instr)
