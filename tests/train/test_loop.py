@@ -286,11 +286,20 @@ def test_resume_on_fewer_gpus_restores_the_cuda_rng_it_can(monkeypatch):
     assert restored == [0]
 
 
-def test_single_process_objectives_refuse_a_launcher(tiny_dir, corpus, tmp_path, monkeypatch):
-    """Under torchrun, simcse/mntp (no process group of their own) ran one full copy per rank, every copy on
-    the same GPU and writing the same output directory. They now stop before loading anything."""
+def test_single_process_objectives_refuse_a_launcher(corpus, tmp_path, monkeypatch):
+    """Under torchrun, an objective without a process group of its own would run one full copy per rank, every
+    copy on the same GPU and writing the same output directory. It stops before loading anything (mntp, simcse
+    and supervised are distributed)."""
+
+    class OneProcess(L.Objective):
+        name = "oneprocess"
+
+        def setup(self, cfg, device):
+            raise AssertionError("setup must not run")
+
+    assert MNTPObjective.distributed and SimCSEObjective.distributed and not OneProcess.distributed
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(L.TrainingError, match="train simcse runs in one process.*WORLD_SIZE"):
-        L.train(simcse_cfg(tiny_dir, corpus, tmp_path / "run"), SimCSEObjective())
+    with pytest.raises(L.TrainingError, match="train oneprocess runs in one process.*WORLD_SIZE"):
+        L.train(TrainConfig(data=corpus, output_dir=str(tmp_path / "run"), progress=False), OneProcess())
     assert not (tmp_path / "run").exists()
