@@ -27,12 +27,25 @@ def _spy(base: type) -> type:
     return Spy
 
 
+class Crash(Exception):
+    pass
+
+
+def _crash_at(k: int):
+    def hook(step: int, metrics: dict) -> None:
+        if step == k:
+            raise Crash(step)
+    return hook
+
+
 def train_worker(rank: int, world: int, port: int, out_dir: str, runs: list[tuple[str, dict]],
-                 dropout_texts: list[str] | None = None) -> None:
+                 dropout_texts: list[str] | None = None, resume_cfg: dict | None = None) -> None:
     """Run each ``(kind, config)`` of ``runs`` through the shared loop on this rank; write per-step metrics, the
     training forwards' shapes and the summary's final loss to ``out_dir/<kind>.rank<r>.json``. With
     ``dropout_texts``, also embed the same global batch of identical texts once with SimCSE's dropout on and save
-    this rank's embeddings and its RNG state afterwards (``dropout.rank<r>.pt``)."""
+    this rank's embeddings and its RNG state afterwards (``dropout.rank<r>.pt``). With ``resume_cfg`` (a SimCSE
+    config with dropout on and checkpoints), train it into ``<output_dir>-whole`` and, crashed after the first
+    checkpoint and resumed, into ``<output_dir>-resumed``."""
     import torch.distributed as dist
 
     from l2v.train import distributed as D
@@ -66,6 +79,15 @@ def train_worker(rank: int, world: int, port: int, out_dir: str, runs: list[tupl
             torch.manual_seed(1)
             obj.forward_backward(obj.collate(obj.examples[:2 * world], torch.Generator()), 1.0)
             torch.save({"emb": out[0], "rng": torch.get_rng_state()}, f"{out_dir}/dropout.rank{rank}.pt")
+        if resume_cfg:
+            whole = {**resume_cfg, "output_dir": resume_cfg["output_dir"] + "-whole"}
+            resumed = {**resume_cfg, "output_dir": resume_cfg["output_dir"] + "-resumed"}
+            train(SimCSEConfig(**whole), SimCSEObjective())
+            try:
+                train(SimCSEConfig(**resumed), SimCSEObjective(), on_step=_crash_at(resume_cfg["save_every"] + 1))
+            except Crash:
+                pass
+            train(SimCSEConfig(**{**resumed, "resume": True}), SimCSEObjective())
         dist.barrier()
     finally:
         D.cleanup()

@@ -130,7 +130,8 @@ def two_rank_runs(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_runs")
     corpus = corpus_file(root)
     runs = [(kind, vars(_cfg(kind, tiny_dir, corpus, root / f"{kind}2"))) for kind in RUNS]
-    mp.start_processes(train_worker, args=(WORLD, _free_port(), str(root), runs, SAME_TEXT), nprocs=WORLD,
+    resume = vars(simcse_cfg(tiny_dir, corpus, root / "resume", steps=4, save_every=2, attention_dropout=0.3))
+    mp.start_processes(train_worker, args=(WORLD, _free_port(), str(root), runs, SAME_TEXT, resume), nprocs=WORLD,
                        join=True, start_method="spawn")
     return root, corpus
 
@@ -179,6 +180,24 @@ def test_simcse_ranks_draw_their_own_dropout_masks(two_rank_runs):
     assert r0["emb"].shape == r1["emb"].shape == (4, r0["emb"].shape[1])  # 2 texts x 2 views on each rank
     assert not torch.allclose(r0["emb"], r1["emb"], atol=1e-4)
     assert torch.equal(r0["rng"], r1["rng"])
+
+
+def test_two_rank_simcse_with_dropout_resumes_exactly(two_rank_runs):
+    """Crashed after its step-2 checkpoint (rank 0's RNG state, reloaded by every rank) and resumed, a 2-rank run
+    with dropout on matches the uninterrupted one: the ranks' shared RNG streams never diverge."""
+    from test_supervised import _adapter
+
+    root, _ = two_rank_runs
+    whole, resumed = root / "resume-whole", root / "resume-resumed"
+
+    def losses(run):
+        return {m["step"]: m["loss"] for m in read_metrics(run) if m.get("split") == "train"}
+
+    assert list(losses(resumed)) == [1, 2, 3, 4]
+    assert losses(resumed) == losses(whole)
+    a, b = _adapter(whole), _adapter(resumed)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
 
 
 def test_rank_rng_gives_ranks_their_own_masks_and_keeps_the_shared_stream(monkeypatch):
