@@ -284,7 +284,8 @@ def train(
     if world > 1 and not objective.distributed:
         raise TrainingError(f"l2v train {objective.name} runs in one process, but a launcher started {world} "
                             "(WORLD_SIZE): each would train its own copy on the same GPU into the same "
-                            "--output-dir. Run it without torchrun/accelerate (train mntp, simcse and supervised are distributed).")
+                            "--output-dir. Run it without torchrun/accelerate (train mntp, simcse and supervised "
+                            "are distributed).")
     run_dir = Path(cfg.output_dir)
     existing = _check_run_dir(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
