@@ -96,8 +96,13 @@ class SimCSEObjective(Objective):
         """Held-out InfoNCE with dropout on (as in training), under a fixed RNG that leaves training's untouched."""
         bs = self.cfg.batch_size
         total, n = 0.0, 0
-        with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None):
-            torch.manual_seed(10_007)
+        dev = self.encoder.device
+        cuda = dev.type == "cuda"
+        with torch.random.fork_rng(devices=[dev] if cuda else []):  # only this rank's GPU: no multi-GPU warning
+            torch.default_generator.manual_seed(10_007)
+            if cuda:
+                with torch.cuda.device(dev):
+                    torch.cuda.manual_seed(10_007)
             self.model.train()
             for s in range(0, len(self.val_examples), bs):
                 chunk = self.val_examples[s:s + bs]
