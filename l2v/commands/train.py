@@ -28,7 +28,7 @@ EPILOG = """examples:
   l2v train mntp --steps 200 --output-dir runs/mntp                  # built-in offline corpus, default model
   l2v train simcse --model runs/mntp --steps 200 --output-dir runs/simcse
   l2v train mntp --data corpus.txt --config mntp.yaml --save-every 50
-  l2v train mntp --output-dir runs/mntp --resume                      # continue after a crash
+  l2v train mntp --steps 200 --output-dir runs/mntp --resume          # continue after a crash (same options)
   l2v train supervised --model runs/simcse --data pairs/ --gradcache-chunk 16  # E5-style pairs dir
   torchrun --nproc_per_node 8 -m l2v train supervised --batch-size 512 ...   # same command, 8 GPUs
   l2v encode --model runs/simcse "a sentence"                         # use the trained encoder

@@ -460,6 +460,13 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig) -> list[Path]:
                 else "training again would replace its encoder")
         raise TrainingError(f"{run_dir}: holds a finished run (summary.json); {what}. Choose another "
                             "--output-dir, or pass --overwrite to replace it.")
+    if existing and cfg.resume:
+        # Found before the model loads: resuming past --steps would "finish" a run that never trained to it
+        # (an empty summary, final_loss NaN) -- typically --steps was left at its default on --resume.
+        at = int(existing[-1].name.split("-")[1])
+        if at > cfg.steps:
+            raise TrainingError(f"{run_dir}: --resume: the latest checkpoint is at step {at}, past --steps "
+                                f"{cfg.steps}; give --steps {at} or more (and the run's other options).")
     return existing
 
 

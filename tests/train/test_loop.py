@@ -83,6 +83,16 @@ def test_overwrite_removes_the_replaced_runs_checkpoints(tiny_dir, corpus, tmp_p
     assert L.checkpoint_dirs(tmp_path / "run") == []  # a later --resume cannot pick up the old run's step 4
 
 
+def test_resume_past_steps_is_refused_before_training(tiny_dir, corpus, tmp_path):
+    """--resume with --steps below the checkpoint's step (e.g. left at its default) is an error, not an empty
+    'finished' run with final_loss NaN."""
+    cfg = mntp_cfg(tiny_dir, corpus, tmp_path / "run", steps=4, save_every=2)
+    L.train(cfg, MNTPObjective())
+    with pytest.raises(L.TrainingError, match=r"checkpoint is at step 4, past --steps 3; give --steps 4"):
+        L.train(cfg.replace(resume=True, steps=3), MNTPObjective())
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4  # untouched
+
+
 def test_resume_with_changed_settings_warns_naming_them(tiny_dir, corpus, tmp_path):
     cfg = mntp_cfg(tiny_dir, corpus, tmp_path / "run", steps=2, save_every=1)
     L.train(cfg, MNTPObjective())
