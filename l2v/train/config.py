@@ -32,7 +32,8 @@ class TrainConfig:
     max_length: int = 128
     # data
     data: str = "builtin"
-    """Corpus: a .txt file (one text per line), a .jsonl file, 'builtin' or 'hub:wikitext-103'."""
+    """Corpus: a .txt file (one text per line), a .jsonl file, 'builtin', or 'hub:wikitext-103' /
+    'hub:wiki1m_for_simcse' (network on first use)."""
     text_field: str = "text"
     max_texts: int | None = None
     val_size: int = 64
@@ -174,7 +175,7 @@ class MNTPConfig(TrainConfig):
     max_length: int = 128
     mask_fraction: float = 0.2
     mask_token: str = "_"
-    """'_' (default; any single-token string works), 'eos', or 'new' (adds a <|mask|> token)."""
+    """'_' (default; any single-token string works), 'eos', or 'new' (adds a <|l2v_mask|> token)."""
 
     def validate(self) -> None:
         super().validate()

@@ -69,3 +69,15 @@ def test_config_file_values_are_type_checked(tmp_path, capsys):
     assert main(["train", "simcse", "--config", str(tmp_path / "ok.yaml"), "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert (cfg["lr"], cfg["scale"], cfg["max_texts"], cfg["merge"]) == (3e-5, 20.0, None, True)
+
+
+def test_help_names_the_real_mask_token_and_hub_corpora(capsys):
+    from l2v.train.mntp import NEW_MASK_TOKEN
+
+    try:
+        main(["train", "mntp", "--help"])
+    except SystemExit:
+        pass
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"adds a {NEW_MASK_TOKEN} token" in out
+    assert "hub:wiki1m_for_simcse" in out
