@@ -115,6 +115,22 @@ def test_encode_errors_are_one_line(model_dir, tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
 
 
+def test_encode_refuses_empty_input_and_texts_with_input(model_dir, tmp_path, capsys, monkeypatch):
+    """An empty file / stdin was 'wrote 0 embeddings' (exit 0); texts plus --input silently ignored the file."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    out = tmp_path / "x.npy"
+    assert main(["encode", "-i", str(empty), "-m", model_dir, "-o", str(out), "-q"]) == 2
+    assert "empty.txt: no texts" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["encode", "-m", model_dir, "-o", str(out), "-q"]) == 2
+    assert "<stdin>: no texts" in capsys.readouterr().err
+    src = tmp_path / "in.txt"
+    src.write_text("a\nb\n")
+    assert main(["encode", "x", "-i", str(src), "-m", model_dir, "-o", str(out), "-q"]) == 2
+    assert "not both" in capsys.readouterr().err and not out.exists()
+
+
 def test_similarity_json(model_dir, capsys):
     assert main(["similarity", "a cat", "a dog", "stocks", "-m", model_dir, "--json", "--dtype", "float32"]) == 0
     data = json.loads(capsys.readouterr().out)

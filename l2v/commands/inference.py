@@ -75,6 +75,8 @@ def read_texts(args_texts: list[str], path: str | None, field: str = "text") -> 
     from ..io import iter_lines, split_lines
 
     if args_texts:
+        if path is not None:  # one of them would be silently ignored
+            raise ValueError(f"give texts as arguments or --input {path}, not both.")
         return list(args_texts)
     if path is None:
         if sys.stdin is None or sys.stdin.isatty():
@@ -105,8 +107,11 @@ def read_texts(args_texts: list[str], path: str | None, field: str = "text") -> 
             if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
                 raise ValueError(f"{name}:{n}: expected an object with a string field {field!r}.")
             out.append(rec[field])
-        return out
-    return [line for line in lines if line.strip()]
+    else:
+        out = [line for line in lines if line.strip()]
+    if not out:
+        raise ValueError(f"{name}: no texts (the input is empty or has only blank lines).")
+    return out
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
