@@ -132,6 +132,18 @@ def test_cli_export(with_adapter, tmp_path, capsys):
     assert main(["export", base, str(tmp_path / "cli16"), "--dtype", "bfloat16", "--fp32-layers", "1"]) == 0
 
 
+def test_cli_export_with_a_model_but_no_outdir_is_refused(with_adapter, tmp_path, capsys, monkeypatch):
+    """One argument is OUTDIR: `l2v export smollm2-135m` wrote the default model into ./smollm2-135m, and
+    `l2v export runs/x` said 'runs/x exists and is not empty'."""
+    base, _ = with_adapter
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("l2v.commands.serve.load_from_args", lambda args: pytest.fail("model loaded"))
+    for name in ("smollm2-135m", base):
+        assert main(["export", name]) == 2
+        assert "no output directory was given: l2v export MODEL OUTDIR" in capsys.readouterr().err
+    assert not (tmp_path / "smollm2-135m").exists()
+
+
 def test_encode_dimensions(with_adapter):
     base, _ = with_adapter
     enc = Encoder.from_pretrained(base, dtype="float32", device="cpu")

@@ -28,8 +28,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..checkpoints import L2V_CONFIG, is_default_model
     from ..export import check_target, export
 
+    if args.model is None and not args.overwrite:
+        # one positional argument is OUTDIR (MODEL is optional): `l2v export smollm2-135m` or `l2v export runs/x`
+        # meant a model and forgot OUTDIR -- not "write the default model into ./smollm2-135m" / "not empty"
+        out = Path(args.outdir)
+        if is_default_model(args.outdir) or any((out / f).is_file() for f in ("config.json", L2V_CONFIG,
+                                                                             "adapter_config.json")):
+            raise ValueError(f"{args.outdir} names a model, but no output directory was given: "
+                             "l2v export MODEL OUTDIR.")
     check_target(args.outdir, args.overwrite, flag="--overwrite")  # before loading the model
     args.fp32_layers = None  # export writes plain layers (no kernel), so there is no kernel/fp32 split to choose
     encoder = load_from_args(args)
