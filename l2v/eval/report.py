@@ -24,6 +24,8 @@ def load_results(path: str | Path) -> list[dict]:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}).") from exc
+    except UnicodeDecodeError as exc:  # e.g. a .npy or .png passed by a glob
+        raise ValueError(f"{path}: not a JSON result file (not UTF-8 text).") from exc
     runs = data if isinstance(data, list) else [data]
     for i, run in enumerate(runs):
         where = f"{path}" + (f"[{i}]" if isinstance(data, list) else "")

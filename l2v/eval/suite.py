@@ -270,6 +270,9 @@ def get_task(name: str) -> Task:
     return SUITE[name]()
 
 
+_DATA_SUFFIXES = (".jsonl", ".json", ".tsv", ".csv")
+
+
 def select_tasks(spec: Sequence[str | Task] | None) -> list[Task | str]:
     """Task names / type names (e.g. "retrieval") / ``all`` / Task objects -> tasks or names to build."""
     if spec is None:
@@ -286,6 +289,9 @@ def select_tasks(spec: Sequence[str | Task] | None) -> list[Task | str]:
             out.append(key)
         elif key.lower() in {t.lower() for t in _TYPES.values()}:
             out += [n for n, t in _TYPES.items() if t.lower() == key.lower()]
+        elif any(c in key for c in "/\\") or key.startswith((".", "~")) or key.endswith(_DATA_SUFFIXES):
+            # a path to task data that does not exist (callers pass existing paths on as local tasks)
+            raise FileNotFoundError(f"{key}: no such task data file or directory.")
         else:
             raise ValueError(f"unknown task {key!r}: use a suite task ({', '.join(SUITE)}), a task type "
                              f"({', '.join(sorted(set(_TYPES.values())))}), 'all', or a path to task data.")

@@ -83,6 +83,14 @@ def test_eval_bad_inputs_exit_2(tmp_path, capsys):
     assert "drop --compare" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.json"), "-o", str(tmp_path / "r")]) == 2
     assert "no such result file" in capsys.readouterr().err
+    # a mistyped task-data path said "unknown task ... or a path to task data"; a binary file (a glob picking up
+    # a .npy) said "'utf-8' codec can't decode byte 0x93" without the file's name
+    assert main(["eval", "--tasks", str(tmp_path / "scifcat"), "-o", str(tmp_path)]) == 2
+    assert "scifcat: no such task data file or directory" in capsys.readouterr().err
+    npy = tmp_path / "vecs.npy"
+    npy.write_bytes(b"\x93NUMPY\x01\x00")
+    assert main(["report", str(npy), "-o", str(tmp_path / "r")]) == 2
+    assert "vecs.npy: not a JSON result file" in capsys.readouterr().err
 
 
 def test_probe_command(tiny_encoder_dir, tmp_path, capsys):
