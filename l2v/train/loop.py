@@ -467,6 +467,9 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig) -> list[Path]:
         if at > cfg.steps:
             raise TrainingError(f"{run_dir}: --resume: the latest checkpoint is at step {at}, past --steps "
                                 f"{cfg.steps}; give --steps {at} or more (and the run's other options).")
+        if at == cfg.steps and finished:
+            raise TrainingError(f"{run_dir}: --resume: the run already finished at step {at} (summary.json); "
+                                f"give --steps above {at} to extend it.")
     return existing
 
 

@@ -90,6 +90,8 @@ def test_resume_past_steps_is_refused_before_training(tiny_dir, corpus, tmp_path
     L.train(cfg, MNTPObjective())
     with pytest.raises(L.TrainingError, match=r"checkpoint is at step 4, past --steps 3; give --steps 4"):
         L.train(cfg.replace(resume=True, steps=3), MNTPObjective())
+    with pytest.raises(L.TrainingError, match=r"already finished at step 4 .*--steps above 4"):
+        L.train(cfg.replace(resume=True), MNTPObjective())  # nothing to train: was a summary with final_loss NaN
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4  # untouched
 
 
