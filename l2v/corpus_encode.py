@@ -75,6 +75,9 @@ class CorpusJob:
             raise ValueError(f"--out-dtype must be float32 or float16, got {self.out_dtype!r}.")
         if not Path(self.input).is_file():
             raise FileNotFoundError(f"{self.input}: no such input file.")
+        with open(self.input, "rb") as fh:  # stops at the first text: cheap on any corpus
+            if not any(line.strip() for line in fh):  # was: an 'all shards done' index of 0 rows, exit 0
+                raise ValueError(f"{self.input}: no texts (the file is empty or has only blank lines).")
         check_output_dir(self.outdir, "OUTDIR")
 
     def settings(self) -> dict[str, Any]:

@@ -133,6 +133,11 @@ def test_settings_mismatch_and_bad_input(setup, tmp_path):
         encode_corpus(enc, _job(txt, tmp_path / "w", worker=2, num_workers=2), progress=False)
     with pytest.raises(FileNotFoundError, match="no such input"):
         encode_corpus(enc, _job(tmp_path / "nope.txt", tmp_path / "n"), progress=False)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n")  # was: 'all shards done', an index of 0 rows, exit 0
+    with pytest.raises(ValueError, match=r"blank\.txt: no texts"):
+        encode_corpus(enc, _job(blank, tmp_path / "e"), progress=False)
+    assert not (tmp_path / "e").exists()
 
 
 def test_resume_removes_this_workers_stale_temp_files(setup, tmp_path):
