@@ -185,6 +185,7 @@ def test_info_default_model(capsys):
     (["encode", "x", "--max-length", "0"], "argument --max-length: must be >= 4, got 0"),  # was: silently 512
     (["eval", "--max-length", "-3"], "argument --max-length: must be >= 4, got -3"),
     (["encode", "x", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),  # was: after loading
+    (["encode", "x", "--fp32-layers", "-1"], "argument --fp32-layers: must be >= 0, got -1"),  # was: '... or None'
     (["eval", "--batch-size", "-1"], "argument --batch-size: must be >= 1, got -1"),
     (["encode-corpus", "in.txt", "out", "--num-workers", "0"], "argument --num-workers: must be >= 1, got 0"),
     (["encode-corpus", "in.txt", "out", "--worker", "-1"], "argument --worker: must be >= 0, got -1"),

@@ -44,7 +44,7 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("--no-cpu-kernel", action="store_true",
                    help="bf16 on CPU: use torch's bf16 (every activation rounded to bf16) instead of l2v's kernel "
                         "(bf16 weights, fp32 activations; the default where it builds)")
-    p.add_argument("--fp32-layers", type=int, default=None, metavar="N",
+    p.add_argument("--fp32-layers", type=int_in(0), default=None, metavar="N",
                    help="with the bf16 CPU kernel: keep the first N decoder layers in fp32 (default: 40%% of them, "
                         "so every text stays at cosine >= 0.99 with fp32; 0 = fastest, see README Precision)")
 
