@@ -31,6 +31,7 @@ EPILOG = """examples:
   l2v train mntp --steps 200 --output-dir runs/mntp --resume          # continue after a crash (same options)
   l2v train supervised --model runs/simcse --data pairs/ --gradcache-chunk 16  # E5-style pairs dir
   torchrun --nproc_per_node 8 -m l2v train supervised --batch-size 512 ...   # same command, 8 GPUs
+  torchrun --nproc_per_node 8 -m l2v train mntp --batch-size 256 ...         # mntp and simcse too (global batch)
   l2v encode --model runs/simcse "a sentence"                         # use the trained encoder
 """
 
