@@ -241,7 +241,8 @@ class SupervisedObjective(Objective):
         return list(examples)  # tokenised inside the step (only this rank's slice)
 
     def forward_backward(self, batch: list[PairExample], loss_scale: float) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = self.pair_step.step(batch, loss_scale=loss_scale)
+        with D.rank_rng(self.encoder.device):  # each rank its own dropout masks (no-op in one process)
+            loss = self.pair_step.step(batch, loss_scale=loss_scale)
         return torch.tensor(loss), {}
 
     def sync_gradients(self) -> None:

@@ -185,3 +185,24 @@ def test_fp16_trains_with_loss_scaling(tiny_dir, tmp_path):
         assert any(float(v.abs().sum()) > 0 for k, v in _adapter(run).items() if "lora_B" in k)  # it trained
         state = torch.load(next((run / "checkpoints").iterdir()) / "state.pt", weights_only=True)
         assert state["scaler"]["scale"] > 1  # the loss scale is live and saved for a resume
+
+
+def test_each_step_draws_rank_own_dropout(tiny_dir, tmp_path, monkeypatch):
+    """Every training step runs inside ``distributed.rank_rng`` (like mntp and simcse), so under a launcher each
+    rank draws its own dropout masks instead of rank 0's; the step count shows it wraps each step exactly once."""
+    import contextlib
+
+    from l2v.train import distributed as D
+
+    entered: list[str] = []
+    real = D.rank_rng
+
+    @contextlib.contextmanager
+    def spy(device):
+        entered.append(str(device))
+        with real(device):
+            yield
+
+    monkeypatch.setattr(D, "rank_rng", spy)
+    train_supervised(_cfg(tiny_dir, tmp_path, output_dir=str(tmp_path / "run")))
+    assert entered == ["cpu"] * 3
