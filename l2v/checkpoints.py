@@ -7,10 +7,13 @@ Accepted: ``None`` or ``"smollm2-135m"`` (the embedded default, SmolLM2-135M-Ins
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,3 +233,15 @@ def llm2vec_defaults(*directories: str | os.PathLike | None) -> dict[str, Any]:
             out["max_length"] = data["max_length"]
         return out
     return {}
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Around peft's model wrapping: hides transformers 5's FutureWarning about ``is_gradient_checkpointing``.
+
+    peft reads that deprecated property every time it wraps a model, so every train, adapter load and merge
+    printed a warning users can do nothing about. Other warnings pass through.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

@@ -29,6 +29,7 @@ from .checkpoints import (
     has_model_weights,
     is_default_model,
     llm2vec_defaults,
+    quiet_peft,
     resolve_model_path,
 )
 from .kernels import (
@@ -752,7 +753,8 @@ def _apply_adapter(net: nn.Module, adapter_path: str, merge: bool) -> nn.Module:
     if not (p / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_path}: not a PEFT adapter directory (no adapter_config.json).")
     try:
-        peft_model = PeftModel.from_pretrained(net, str(p))
+        with quiet_peft():
+            peft_model = PeftModel.from_pretrained(net, str(p))
     except (RuntimeError, ValueError, KeyError) as exc:
         raise ValueError(f"{adapter_path}: adapter does not fit this base model ({exc}).".replace("\n", " ")[:600]) \
             from exc

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..bidirectional import make_bidirectional
-from ..checkpoints import L2V_CONFIG, L2VConfig, is_default_model, resolve_model_path
+from ..checkpoints import L2V_CONFIG, L2VConfig, is_default_model, quiet_peft, resolve_model_path
 from ..encoder import Encoder
 from ..io import atomic_directory
 from .dropout import use_fast_dropout
@@ -132,7 +132,8 @@ def merge_adapter(base: nn.Module, adapter_dir: str | Path) -> nn.Module:
     from peft import PeftModel
 
     check_adapter_fits(base, adapter_dir)
-    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def _lora_targets(spec: str) -> str | list[str]:
@@ -202,7 +203,8 @@ def build_trainable(
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=_lora_targets(cfg.lora_targets), bias="none")
     try:
-        net = get_peft_model(base, lora)
+        with quiet_peft():
+            net = get_peft_model(base, lora)
     except ValueError as exc:
         raise ValueError(f"--lora-targets {cfg.lora_targets}: {exc}") from exc
     dev = device or torch.device("cpu")

@@ -192,3 +192,20 @@ def test_new_mask_token_on_a_padded_vocabulary_keeps_the_rows(corpus, tmp_path):
     emb = obj.encoder.model.get_input_embeddings().weight
     assert obj.mask_id == VOCAB and emb.shape[0] == VOCAB + 16
     assert torch.allclose(emb[obj.mask_id], emb[:VOCAB].mean(0), atol=1e-6)
+
+
+def test_no_peft_deprecation_noise_when_training_merging_and_loading(tiny_dir, corpus, tmp_path):
+    """peft reads transformers 5's deprecated ``is_gradient_checkpointing`` each time it wraps a model, so every
+    train, ``--adapter`` merge and adapter load printed a FutureWarning the user can do nothing about."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(mntp_cfg(tiny_dir, corpus, tmp_path / "run", steps=1), MNTPObjective())
+        train(mntp_cfg(tiny_dir, corpus, tmp_path / "run2", steps=1, adapter=str(tmp_path / "run" / "adapter")),
+              MNTPObjective())
+        Encoder.from_pretrained(str(tmp_path / "run"), device="cpu", dtype="float32")
+    noise = [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    assert not noise, noise
+    with pytest.warns(FutureWarning, match="is_gradient_checkpointing"):  # the filter is scoped, not global
+        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
