@@ -184,15 +184,25 @@ def rank_rng(device: torch.device | str) -> Iterator[None]:
     if not info.distributed:
         yield
         return
-    device = torch.device(device)
     draw = int(torch.randint(0, 2**62, ()))  # the same number on every rank
-    seed = (draw * 1_000_003 + info.rank) % 2**63
+    with seeded_rng(device, (draw * 1_000_003 + info.rank) % 2**63):
+        yield
+
+
+@contextlib.contextmanager
+def seeded_rng(device: torch.device | str, seed: int) -> Iterator[None]:
+    """Inside: torch's CPU RNG and ``device``'s CUDA RNG seeded with ``seed``; both are restored on exit.
+
+    Only ``device``'s GPU is forked and seeded (``torch.manual_seed`` would reseed every GPU, and forking them all
+    warns on a multi-GPU node and touches other ranks' devices).
+    """
+    device = torch.device(device)
     cuda = device.type == "cuda"
     with torch.random.fork_rng(devices=[device] if cuda else []):
         torch.default_generator.manual_seed(seed)
         if cuda:
             with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)  # this rank's GPU only (manual_seed would reseed every GPU)
+                torch.cuda.manual_seed(seed)
         yield
 
 

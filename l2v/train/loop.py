@@ -19,7 +19,7 @@ Adding an objective::
 
 Under a launcher (``torchrun`` / ``accelerate launch``, ``WORLD_SIZE`` > 1) every rank runs this loop over the
 same seeded global batches. An objective that sets ``distributed = True`` (mntp, simcse, supervised) joins the
-process group in ``setup()`` (:func:`join_launcher`), computes the global loss from its own rows
+process group in ``setup()`` (:meth:`Objective.join_launcher`), computes the global loss from its own rows
 (``forward_backward``), sums gradients over ranks (``sync_gradients``) and writes only on rank 0 (``is_main``);
 any other objective is refused there rather than trained once per rank.
 """
@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_directory, atomic_write_text
+from . import distributed as D
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -59,6 +60,7 @@ class Objective:
 
     name = "objective"
     distributed = False  # True: setup() joins the launcher's process group and splits the work over its ranks
+    info = D.DistInfo()  # this rank (set by join_launcher); a single process by default
     model: nn.Module
     examples: Sequence[Any]
     val_examples: Sequence[Any] = ()
@@ -81,18 +83,27 @@ class Objective:
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
+    @property
+    def is_main(self) -> bool:
+        """Whether this rank writes the run's files (rank 0, or a single process)."""
+        return self.info.is_main
 
-def join_launcher(cfg: TrainConfig, device: torch.device) -> tuple[Any, torch.device]:
-    """For the ``setup()`` of a distributed objective: check that ``--batch-size`` (the global batch) splits evenly
-    over the launcher's ranks, then join its process group. Returns (:class:`~l2v.train.distributed.DistInfo`,
-    this rank's device: GPU ``LOCAL_RANK`` under a launcher). A single process gets rank 0 of 1 and its device."""
-    from . import distributed as D
+    def join_launcher(self, cfg: TrainConfig, device: torch.device) -> torch.device:
+        """For the ``setup()`` of a distributed objective: check that ``--batch-size`` (the global batch) splits
+        evenly over the launcher's ranks, then join its process group and set :attr:`info`. Returns this rank's
+        device (GPU ``LOCAL_RANK`` under a launcher); a single process gets rank 0 of 1 and its device."""
+        world = D.env_info().world_size
+        if cfg.batch_size % world:
+            raise TrainingError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks (it is the "
+                                "global batch).")
+        self.info, dev = D.init_distributed(
+            device=cfg.device if cfg.device else (None if device.type == "cuda" else str(device)))
+        return dev
 
-    world = D.env_info().world_size
-    if cfg.batch_size % world:
-        raise TrainingError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} ranks (it is the "
-                            "global batch).")
-    return D.init_distributed(device=cfg.device if cfg.device else (None if device.type == "cuda" else str(device)))
+    def sync_gradients(self) -> None:
+        """Sum the trainable gradients over ranks before clipping (each rank holds its share of the global batch's
+        gradient); a no-op in a single process."""
+        D.all_reduce_gradients([p for _, p in self.trainable_parameters()], average=False)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -188,7 +199,12 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.pt").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(done, key=checkpoint_step)
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint directory (``step-N``) was saved at."""
+    return int(ckpt.name.split("-")[1])
 
 
 def save_checkpoint(run_dir: Path, step: int, objective: Objective, optimizer: torch.optim.Optimizer,
@@ -278,9 +294,7 @@ def train(
     from ..encoder import Encoder, default_device
 
     cfg.validate()
-    from .distributed import env_info
-
-    world = env_info().world_size
+    world = D.env_info().world_size
     if world > 1 and not objective.distributed:
         raise TrainingError(f"l2v train {objective.name} runs in one process, but a launcher started {world} "
                             "(WORLD_SIZE): each would train its own copy on the same GPU into the same "
@@ -311,11 +325,11 @@ def train(
                             f"(--batch-size {cfg.batch_size}); give more text or a smaller batch size.")
     # Optional objective hooks: batches(epoch) picks each epoch's batches itself (supervised: one dataset per
     # batch); forward_backward(batch, scale) runs its own backward (GradCache, cross-rank gather: supervised, and
-    # mntp/simcse under a launcher); sync_gradients() runs before clipping (torch.distributed); is_main=False
-    # silences writes on other ranks.
+    # mntp/simcse under a launcher). Every objective's sync_gradients() runs before clipping (a no-op in one
+    # process) and is_main=False silences writes on other ranks.
     custom_batches = getattr(objective, "batches", None)
     own_backward = getattr(objective, "forward_backward", None)
-    main = getattr(objective, "is_main", True)
+    main = objective.is_main
     batches_per_epoch = len(custom_batches(0)) if custom_batches else n // cfg.batch_size
     params = [p for _, p in objective.trainable_parameters()]
     if not params:
@@ -386,8 +400,7 @@ def train(
                 totals["loss"] = totals.get("loss", 0.0) + loss.item() / cfg.grad_accum
                 for k, v in extra.items():
                     totals[k] = totals.get(k, 0.0) + float(v) / cfg.grad_accum
-            if hasattr(objective, "sync_gradients"):
-                objective.sync_gradients()
+            objective.sync_gradients()
             scaler.unscale_(optimizer)  # fp16: clip and step on the true gradients (a step with inf/NaN is skipped)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
                                                        else float("inf"))
@@ -463,7 +476,7 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig) -> list[Path]:
     if existing and cfg.resume:
         # Found before the model loads: resuming past --steps would "finish" a run that never trained to it
         # (an empty summary, final_loss NaN) -- typically --steps was left at its default on --resume.
-        at = int(existing[-1].name.split("-")[1])
+        at = checkpoint_step(existing[-1])
         if at > cfg.steps:
             raise TrainingError(f"{run_dir}: --resume: the latest checkpoint is at step {at}, past --steps "
                                 f"{cfg.steps}; give --steps {at} or more (and the run's other options).")

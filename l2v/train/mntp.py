@@ -26,7 +26,7 @@ from ..data.corpus import load_corpus
 from ..encoder import Tokenized
 from . import distributed as D
 from .config import MNTPConfig
-from .loop import Objective, TrainingError, join_launcher
+from .loop import Objective, TrainingError
 from .lora import build_trainable, save_encoder_dir
 
 NEW_MASK_TOKEN = "<|l2v_mask|>"
@@ -96,8 +96,6 @@ def shard_masked_batch(batch: dict[str, torch.Tensor], info: D.DistInfo) -> dict
 class MNTPObjective(Objective):
     name = "mntp"
     distributed = True
-    info = D.DistInfo()
-    is_main = True
     forward_backward = None  # under a launcher: _forward_backward_sharded (the loop then skips loss())
 
     def __init__(self, texts: Sequence[str] | None = None) -> None:
@@ -105,8 +103,7 @@ class MNTPObjective(Objective):
 
     def setup(self, cfg: MNTPConfig, device: torch.device) -> None:
         self.cfg = cfg
-        self.info, device = join_launcher(cfg, device)
-        self.is_main = self.info.is_main
+        device = self.join_launcher(cfg, device)
         if self.info.distributed:
             self.forward_backward = self._forward_backward_sharded
         new = [NEW_MASK_TOKEN] if cfg.mask_token == "new" else None
@@ -161,9 +158,6 @@ class MNTPObjective(Objective):
         correct = (logits.argmax(-1) == labels).sum()
         total = D.all_reduce_sum(torch.stack([ce.detach().double(), correct.double()]))
         return (total[0] / count).float(), {"acc": float(total[1]) / count, "masked": float(count)}
-
-    def sync_gradients(self) -> None:
-        D.all_reduce_gradients([p for _, p in self.trainable_parameters()], average=False)  # no-op in 1 process
 
     def evaluate(self) -> dict[str, float]:
         total_loss, correct, count = 0.0, 0, 0

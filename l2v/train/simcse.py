@@ -24,7 +24,7 @@ from ..data.corpus import load_corpus
 from ..encoder import Tokenized
 from . import distributed as D
 from .config import SimCSEConfig
-from .loop import Objective, TrainingError, join_launcher
+from .loop import Objective, TrainingError
 from .lora import build_trainable, save_encoder_dir
 
 
@@ -38,8 +38,6 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tens
 class SimCSEObjective(Objective):
     name = "simcse"
     distributed = True
-    info = D.DistInfo()
-    is_main = True
     forward_backward = None  # under a launcher: _forward_backward_sharded (the loop then skips loss())
 
     def __init__(self, texts: Sequence[str] | None = None) -> None:
@@ -47,8 +45,7 @@ class SimCSEObjective(Objective):
 
     def setup(self, cfg: SimCSEConfig, device: torch.device) -> None:
         self.cfg = cfg
-        self.info, device = join_launcher(cfg, device)
-        self.is_main = self.info.is_main
+        device = self.join_launcher(cfg, device)
         if self.info.distributed:
             self.forward_backward = self._forward_backward_sharded
         self.encoder, _, self.start = build_trainable(
@@ -89,20 +86,11 @@ class SimCSEObjective(Objective):
             (loss * loss_scale).backward()
         return loss.detach(), {"acc": acc.item()}
 
-    def sync_gradients(self) -> None:
-        D.all_reduce_gradients([p for _, p in self.trainable_parameters()], average=False)  # no-op in 1 process
-
     def evaluate(self) -> dict[str, float]:
         """Held-out InfoNCE with dropout on (as in training), under a fixed RNG that leaves training's untouched."""
         bs = self.cfg.batch_size
         total, n = 0.0, 0
-        dev = self.encoder.device
-        cuda = dev.type == "cuda"
-        with torch.random.fork_rng(devices=[dev] if cuda else []):  # only this rank's GPU: no multi-GPU warning
-            torch.default_generator.manual_seed(10_007)
-            if cuda:
-                with torch.cuda.device(dev):
-                    torch.cuda.manual_seed(10_007)
+        with D.seeded_rng(self.encoder.device, 10_007):
             self.model.train()
             for s in range(0, len(self.val_examples), bs):
                 chunk = self.val_examples[s:s + bs]

@@ -27,7 +27,7 @@ from ..data.pairs import PairBatchSampler, PairData, PairExample, default_pair_d
 from . import distributed as D
 from .config import TrainConfig
 from .gradcache import gradcache_backward, plain_backward
-from .loop import Objective, join_launcher
+from .loop import Objective
 
 
 def info_nce(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None,
@@ -208,8 +208,7 @@ class SupervisedObjective(Objective):
         from .lora import build_trainable
 
         self.cfg = cfg
-        self.info, dev = join_launcher(cfg, device)
-        self.is_main = self.info.is_main
+        dev = self.join_launcher(cfg, device)
         if self.data is None:
             paths, instr = _data_paths(cfg)
             self.data = load_pairs(paths, skip_bad_lines=cfg.skip_bad_lines, instructions=instr)
@@ -244,9 +243,6 @@ class SupervisedObjective(Objective):
         with D.rank_rng(self.encoder.device):  # each rank its own dropout masks (no-op in one process)
             loss = self.pair_step.step(batch, loss_scale=loss_scale)
         return torch.tensor(loss), {}
-
-    def sync_gradients(self) -> None:
-        D.all_reduce_gradients([p for _, p in self.trainable_parameters()], average=False)
 
     def loss(self, batch: list[PairExample]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError("SupervisedObjective does its own backward: the loop calls forward_backward().")
