@@ -367,10 +367,11 @@ class Encoder(nn.Module):
     @property
     def dim(self) -> int:
         cfg = self._forward_target().config
-        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        # OPT projects its output to word_embed_proj_dim when that differs (opt-350m: hidden 1024, output 512)
-        return int(getattr(text_cfg, "word_embed_proj_dim", None) or getattr(text_cfg, "hidden_size", None)
-                   or text_cfg.n_embd)
+        dim = embedding_dim(cfg)
+        if dim is None:
+            raise AttributeError(f"{type(cfg).__name__} has no hidden_size (or n_embd): cannot tell the embedding "
+                                 "width.")
+        return dim
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.dim
@@ -659,6 +660,18 @@ class Encoder(nn.Module):
             raise ValueError(f"similarity: a has dimension {ta.shape[1]} but b has {tb.shape[1]}; both must be "
                              "embeddings of the same size.")
         return (torch.nn.functional.normalize(ta, dim=-1) @ torch.nn.functional.normalize(tb, dim=-1).T).numpy()
+
+
+def embedding_dim(config: Any) -> int | None:
+    """Width of a model's output token states (so of its embeddings), from its config; None if it has none.
+
+    OPT projects its output to ``word_embed_proj_dim`` when that differs (opt-350m: hidden 1024, output 512).
+    """
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("word_embed_proj_dim", "hidden_size", "n_embd"):
+        if value := getattr(text_cfg, name, None):
+            return int(value)
+    return None
 
 
 def _as_matrix(x: Any, name: str) -> torch.Tensor:

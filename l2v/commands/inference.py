@@ -172,6 +172,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from ..bidirectional import UnsupportedArchitectureError, architecture_name, make_bidirectional
     from ..checkpoints import L2V_CONFIG, L2VConfig, resolve_model_path
+    from ..encoder import embedding_dim
 
     path = resolve_model_path(args.model)
     l2v_cfg = L2VConfig.load(path) if (Path(path) / L2V_CONFIG).is_file() else None
@@ -186,9 +187,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "model_type": config.model_type,
         "layers": getattr(text_cfg, "num_hidden_layers", None) or getattr(text_cfg, "n_layer", None),
         "hidden_size": getattr(text_cfg, "hidden_size", None) or getattr(text_cfg, "n_embd", None),
-        # the embedding width: OPT projects its output when word_embed_proj_dim differs (opt-350m: 1024 -> 512)
-        "embedding_dim": getattr(text_cfg, "word_embed_proj_dim", None) or getattr(text_cfg, "hidden_size", None)
-        or getattr(text_cfg, "n_embd", None),
+        "embedding_dim": embedding_dim(config),
         "attention_heads": getattr(text_cfg, "num_attention_heads", None) or getattr(text_cfg, "n_head", None),
         "vocab_size": getattr(text_cfg, "vocab_size", None),
         "max_position_embeddings": getattr(text_cfg, "max_position_embeddings", None),
