@@ -245,3 +245,42 @@ def quiet_peft() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+
+
+_LM_HEAD_KEYS = ("lm_head.", "embed_out.")  # a causal LM's output head, outside its base model (GPT-NeoX: embed_out)
+
+
+def load_base_model(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """``AutoModel.from_pretrained(path, **kwargs)`` without transformers' load report for the dropped LM head.
+
+    Most checkpoints are saved as ``*ForCausalLM``; an encoder loads only the base model, so transformers 5
+    prints a "LOAD REPORT" table listing ``lm_head.weight`` as UNEXPECTED on every load, which reads like a fault.
+    That report is held back when the LM head is all it lists, and shown unchanged otherwise (missing or
+    mismatched weights, a different architecture).
+    """
+    import logging
+
+    from transformers import AutoModel
+
+    held: list[logging.LogRecord] = []
+
+    class _Hold(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "LOAD REPORT" in str(record.msg):
+                held.append(record)
+                return False
+            return True
+
+    log = logging.getLogger("transformers.modeling_utils")
+    hold = _Hold()
+    log.addFilter(hold)
+    try:
+        model, info = AutoModel.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        log.removeFilter(hold)
+    only_head = (not info.get("missing_keys") and not info.get("mismatched_keys")
+                 and all(str(k).startswith(_LM_HEAD_KEYS) for k in info.get("unexpected_keys", ())))
+    if not only_head:
+        for record in held:
+            log.handle(record)
+    return model

@@ -29,6 +29,7 @@ from .checkpoints import (
     has_model_weights,
     is_default_model,
     llm2vec_defaults,
+    load_base_model,
     quiet_peft,
     resolve_model_path,
 )
@@ -226,7 +227,7 @@ class Encoder(nn.Module):
         batch's activation memory instead of page-faulting fresh memory (:mod:`l2v.kernels.malloc`;
         ``L2V_MALLOC_TUNE=0`` opts out).
         """
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         path = resolve_model_path(model)
         cfg = L2VConfig.load(path) if (Path(path) / L2V_CONFIG).is_file() else None
@@ -285,7 +286,7 @@ class Encoder(nn.Module):
             kwargs["weights_only"] = True  # the opt-in still never unpickles arbitrary objects
         tok_path = path if _has_tokenizer(path) else weights_path
         tokenizer = AutoTokenizer.from_pretrained(tok_path)
-        net = AutoModel.from_pretrained(weights_path, **kwargs)
+        net = load_base_model(weights_path, **kwargs)
         for adapter_path in adapters:
             net = _apply_adapter(net, adapter_path, merge=merge_adapter)
         if use_kernel and hasattr(net, "merge_and_unload"):  # an unmerged adapter keeps ordinary Linear layers

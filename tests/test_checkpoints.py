@@ -157,3 +157,41 @@ def test_default_model_converted_to_safetensors(default_model_dir: Path):
     assert any("layers.29." in k for k in keys)  # all 30 layers of SmolLM2-135M
     cfg = json.loads((default_model_dir / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 576
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_dropped_lm_head_is_not_reported(tmp_path, capfd, caplog, arch):
+    """A *ForCausalLM checkpoint loaded as an encoder: the LM head is dropped on purpose, so no load report."""
+    from l2v import Encoder
+
+    path = save_tiny(arch, tmp_path / arch)
+    assert any(k.startswith(("lm_head.", "embed_out.")) for k in _checkpoint_keys(path))  # the head is there
+    capfd.readouterr()
+    model = checkpoints.load_base_model(path)
+    Encoder.from_pretrained(path, dtype="float32")
+    shown = capfd.readouterr().err + caplog.text
+    assert "LOAD REPORT" not in shown and "UNEXPECTED" not in shown
+    assert not hasattr(model, "lm_head")
+
+
+def test_real_load_problems_are_still_reported(tmp_path, capfd, caplog):
+    """Missing weights are a fault: transformers' report is shown unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(save_tiny("llama", tmp_path / "m"))
+    weights = path / "model.safetensors"
+    state = load_file(weights)
+    dropped = next(k for k in state if k.endswith("norm.weight"))
+    del state[dropped]
+    save_file(state, weights, metadata={"format": "pt"})
+    capfd.readouterr()
+    checkpoints.load_base_model(path)
+    shown = capfd.readouterr().err + caplog.text
+    assert "LOAD REPORT" in shown and "MISSING" in shown
+
+
+def _checkpoint_keys(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
+        return list(f.keys())

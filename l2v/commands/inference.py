@@ -168,10 +168,10 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """Inspect a model: architecture, size, and whether bidirectional attention works (proved on the model)."""
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     from ..bidirectional import UnsupportedArchitectureError, architecture_name, make_bidirectional
-    from ..checkpoints import L2V_CONFIG, L2VConfig, resolve_model_path
+    from ..checkpoints import L2V_CONFIG, L2VConfig, load_base_model, resolve_model_path
     from ..encoder import embedding_dim
 
     path = resolve_model_path(args.model)
@@ -196,7 +196,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["l2v_config"] = {"base_model": l2v_cfg.base_model, "pooling": l2v_cfg.pooling,
                               "bidirectional": l2v_cfg.bidirectional, "max_length": l2v_cfg.max_length}
     if not args.no_check:
-        model = AutoModel.from_pretrained(weights, dtype=torch.float32, attn_implementation="sdpa")
+        model = load_base_model(weights, dtype=torch.float32, attn_implementation="sdpa")
         info["parameters"] = sum(p.numel() for p in model.parameters())
         try:
             make_bidirectional(model, check=True)

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from ..bidirectional import make_bidirectional
-from ..checkpoints import L2V_CONFIG, L2VConfig, is_default_model, quiet_peft, resolve_model_path
+from ..checkpoints import (
+    L2V_CONFIG,
+    L2VConfig,
+    is_default_model,
+    load_base_model,
+    quiet_peft,
+    resolve_model_path,
+)
 from ..encoder import Encoder
 from ..io import atomic_directory
 from .dropout import use_fast_dropout
@@ -154,7 +161,7 @@ def build_trainable(
     Returns ``(encoder, lm_head_or_None, start)``. Base weights are frozen fp32 (autocast does the bf16 math).
     """
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     start = resolve_start(cfg.model, cfg.adapter)
     config = AutoConfig.from_pretrained(start.weights_path)
@@ -185,7 +192,7 @@ def build_trainable(
         if head is None:
             raise ValueError(f"{start.weights_path}: model has no LM head; MNTP needs a causal LM.")
     else:
-        base = AutoModel.from_pretrained(start.weights_path, **kwargs)
+        base = load_base_model(start.weights_path, **kwargs)
     for adapter_dir in start.adapters:
         base = merge_adapter(base, adapter_dir)
     base.requires_grad_(False)
