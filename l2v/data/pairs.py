@@ -366,13 +366,13 @@ def default_pair_dir(per_dataset: int = 20000) -> Path:
     its place and renamed in whole (io.atomic_directory), so a killed build leaves the previous folder, never a
     mix of new files under an old completion marker.
     """
-    from .sources import _note, cache_stamp, data_dir, wordnet_entries, wordnet_files
+    from .sources import cache_stamp, data_dir, note, wordnet_entries, wordnet_files
 
     folder = data_dir() / f"pairs-wordnet-{per_dataset}"
     stamp = cache_stamp(wordnet_files, pairs_format=PAIRS_FORMAT, per_dataset=per_dataset)
     if _pair_dir_is_current(folder, stamp):
         return folder
-    _note(f"building WordNet pairs into {folder}" + (" (its source or format changed)" if folder.exists() else "")
+    note(f"building WordNet pairs into {folder}" + (" (its source or format changed)" if folder.exists() else "")
           + "...")
     built = build_wordnet_pairs(wordnet_entries(), per_dataset=per_dataset)
     try:

@@ -72,7 +72,8 @@ def data_dir() -> Path:
     return cache_dir() / "data"
 
 
-def _note(message: str) -> None:
+def note(message: str) -> None:
+    """One progress line on stderr (first-use builds), kept off stdout so piped output stays clean."""
     print(f"l2v: {message}", file=sys.stderr, flush=True)
 
 
@@ -117,8 +118,8 @@ def _cached_jsonl(name: str, build: Callable[[], Iterable[dict]], what: str,
                         return rows
         except (ValueError, OSError):  # JSONDecodeError / UnicodeDecodeError: a corrupt or truncated cache
             pass
-        _note(f"{path}: stale or unreadable cache; rebuilding.")
-    _note(f"building {what} into {path} (first use; cached afterwards)...")
+        note(f"{path}: stale or unreadable cache; rebuilding.")
+    note(f"building {what} into {path} (first use; cached afterwards)...")
     rows = list(build())
     with atomic_file(path) as fh:
         fh.write(json.dumps({**stamp, "rows": len(rows)}) + "\n")
