@@ -12,6 +12,10 @@ One run measures, on the default model and real English text (gensim's Lee news 
     .venv/bin/python benchmarks/encode_speed.py --quick    # 128 sentences, 8 documents, 1 repetition
     .venv/bin/python benchmarks/encode_speed.py --stream 100000 --stream-layers 1   # peak memory, 100k texts
     .venv/bin/python benchmarks/encode_speed.py --compile  # also time Encoder.compile()
+    python benchmarks/encode_speed.py --device cuda        # on a GPU: bf16 SDPA (+ flash-attention-2 if installed)
+
+On a GPU the CPU-only rows (l2v's kernel variants) are left out, the sets default to 8,192 sentences and 256
+documents (512 would take milliseconds), timings synchronise the device, and memory is the CUDA allocator's peak.
 
 Timings on a shared machine are noisy: every row is the best of ``--reps`` interleaved repetitions and the
 load average is printed with the table.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import importlib.util
 import json
 import os
 import re
@@ -50,18 +55,31 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+DEVICE = torch.device("cpu")  # set from --device in main()
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (no-op on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 1.0, reps: int = 3) -> float:
-    """Best GFLOP/s of ``(m,k) @ (k,n)^T`` as F.linear (the op the model uses)."""
-    a, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
-    torch.nn.functional.linear(a, w)
+    """Best GFLOP/s of ``(m,k) @ (k,n)^T`` as F.linear (the op the model uses) on ``DEVICE``."""
+    a, w = torch.randn(m, k, device=DEVICE).to(dtype), torch.randn(n, k, device=DEVICE).to(dtype)
+    for _ in range(2 if DEVICE.type == "cuda" else 1):  # GPU: the first call also picks the kernel
+        torch.nn.functional.linear(a, w)
+    sync()
     t = time.perf_counter()
     torch.nn.functional.linear(a, w)
+    sync()
     iters = max(1, int(seconds / reps / max(time.perf_counter() - t, 1e-6)))
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         for _ in range(iters):
             torch.nn.functional.linear(a, w)
+        sync()
         best = min(best, (time.perf_counter() - t) / iters)
     return 2 * m * k * n / best / 1e9
 
@@ -99,12 +117,12 @@ def naive_encode(model, tok, texts: list[str], batch_size: int = 32) -> np.ndarr
     out = []
     with torch.inference_mode():
         for s in range(0, len(texts), batch_size):
-            enc = tok(texts[s:s + batch_size], padding=True, return_tensors="pt")
+            enc = tok(texts[s:s + batch_size], padding=True, return_tensors="pt").to(model.device)
             hidden = model(**enc).last_hidden_state
             for row in range(hidden.shape[0]):
                 keep = enc["attention_mask"][row].bool()
                 out.append(hidden[row][keep].float().mean(0))
-    return torch.stack(out).numpy()
+    return torch.stack(out).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------- flops
@@ -129,8 +147,10 @@ def timed(fn, reps: int):
     best, out = float("inf"), None
     for _ in range(reps):
         gc.collect()
+        sync()
         t = time.perf_counter()
         out = fn()
+        sync()
         best = min(best, time.perf_counter() - t)
     return best, out
 
@@ -168,8 +188,9 @@ def _pct(x: float | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sentences", type=int, default=512, help="short sentences (20-40 tokens)")
-    ap.add_argument("--docs", type=int, default=16, help="~400-token documents")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or a GPU such as cuda / cuda:1")
+    ap.add_argument("--sentences", type=int, default=None, help="short sentences, 20-40 tokens (512; GPU: 8192)")
+    ap.add_argument("--docs", type=int, default=None, help="~400-token documents (16; GPU: 256)")
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions; best is reported")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--max-tokens", type=int, default=None, help="encode(max_tokens_per_batch=...) (default: l2v's)")
@@ -183,6 +204,15 @@ def main() -> None:
     ap.add_argument("--stream-layers", type=int, default=0, help="with --stream: keep only this many layers")
     ap.add_argument("--json", type=str, default=None, help="also write the results here")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available here")
+    gpu = DEVICE.type != "cpu"
+    if gpu and args.int8:
+        ap.error("--int8 is torch's dynamic quantization, which runs on CPU only")
+    args.sentences = args.sentences if args.sentences is not None else (8192 if gpu else 512)
+    args.docs = args.docs if args.docs is not None else (256 if gpu else 16)
     if args.quick:
         args.sentences, args.docs, args.reps, args.no_fp32 = 128, 8, 1, True
     torch.set_num_threads(args.threads)
@@ -192,14 +222,21 @@ def main() -> None:
         return
 
     load0 = os.getloadavg()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(DEVICE)
     peaks = {}
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         peaks[name] = max(matmul_rate(2048, 2048, 2048, dt), matmul_rate(4096, 576, 1536, dt))
-    enc16 = Encoder.from_pretrained(dtype="bfloat16")  # l2v's default: the bf16 CPU kernel where it builds
-    enc16t = Encoder.from_pretrained(dtype="bfloat16", cpu_kernel=False)  # torch's bf16 (activations in bf16)
-    enc32 = Encoder.from_pretrained(dtype="float32")
+    dev = {"device": DEVICE}
+    enc16 = Encoder.from_pretrained(dtype="bfloat16", **dev)  # l2v's default: the bf16 CPU kernel where it builds
+    # torch's bf16 (activations in bf16): a separate row only where the default is the kernel; else the same model
+    enc16t = Encoder.from_pretrained(dtype="bfloat16", cpu_kernel=False, **dev) if enc16.cpu_kernel else enc16
+    enc32 = Encoder.from_pretrained(dtype="float32", **dev)
     # the kernel with every decoder layer on it (the default keeps the first 40% in fp32 for precision)
     enc16f = Encoder.from_pretrained(dtype="bfloat16", fp32_layers=0) if enc16.cpu_kernel else None
+    enc16fa = None  # GPU: flash-attention-2 (varlen, no padding) where the package is installed
+    if gpu and importlib.util.find_spec("flash_attn") is not None:
+        enc16fa = Encoder.from_pretrained(dtype="bfloat16", attn_implementation="flash_attention_2", **dev)
     l2v16 = "l2v bf16 kernel" if enc16.cpu_kernel else "l2v bf16"
     tok = enc16.tokenizer
     kw = {"show_progress_bar": False}
@@ -212,7 +249,7 @@ def main() -> None:
     naive_tok.padding_side = "right"
     if naive_tok.pad_token is None:
         naive_tok.pad_token = naive_tok.eos_token
-    for enc in (enc16, enc16f, enc16t, enc32):
+    for enc in (enc16, enc16f, enc16t, enc32, enc16fa):
         if enc is not None:
             enc.encode(sets["short"][:8], **kw)  # warm-up (+ packing probe)
     compiled, compile_s = {}, {}
@@ -222,7 +259,7 @@ def main() -> None:
         if enc16.cpu_kernel:
             variants["l2v bf16 torch compiled"] = False
         for name, kernel in variants.items():
-            compiled[name] = Encoder.from_pretrained(dtype="bfloat16", cpu_kernel=kernel).compile()
+            compiled[name] = Encoder.from_pretrained(dtype="bfloat16", cpu_kernel=kernel, **dev).compile()
             t0 = time.perf_counter()
             for texts in sets.values():
                 compiled[name].encode(texts, **kw)
@@ -245,6 +282,8 @@ def main() -> None:
             runs["default, torch attn"] = lambda t=texts: _torch_attention(enc16.encode, t, **kw)
             runs["kernel fp32_layers=0"] = lambda t=texts: enc16f.encode(t, **kw)
             runs["l2v bf16 torch"] = lambda t=texts: enc16t.encode(t, **kw)
+        if enc16fa is not None:
+            runs["l2v bf16 flash-attn-2"] = lambda t=texts: enc16fa.encode(t, **kw)
         for name, enc in compiled.items():
             runs[name] = lambda t=texts, e=enc: e.encode(t, **kw)
         if not args.no_fp32:  # fp32 is timed once (it is ~3x slower); bf16 is the target
@@ -280,7 +319,8 @@ def main() -> None:
                 r["speedup_vs_naive_bf16"] = naive16 / r["seconds"]
     load1 = os.getloadavg()
 
-    print(f"\nencode_speed  {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC  threads={args.threads}  "
+    where = torch.cuda.get_device_name(DEVICE) if gpu else f"threads={args.threads}"
+    print(f"\nencode_speed  {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC  {where}  "
           f"torch {torch.__version__}  load avg before/after {load0[0]:.2f}/{load1[0]:.2f}")
     print(f"matmul peak (best of 2048^3 and 4096x576x1536): bf16 {peaks['bf16']:.0f} GFLOP/s, "
           f"fp32 {peaks['fp32']:.0f} GFLOP/s")
@@ -293,7 +333,9 @@ def main() -> None:
         print(f"{r['set']:6} {r['variant']:20} {r['texts']:5d} {r['tokens']:6d} {r['sent_per_s']:7.1f} "
               f"{r['tok_per_s']:7.0f} {r['gflops']:8.1f} {100 * r['frac_bf16_peak']:6.1f}% "
               f"{100 * r['frac_own_peak']:5.1f}% {_pct(r['frac_adjacent_peak'])} {r['speedup_vs_naive_bf16']:7.2f}x {r['min_cos_vs_fp32']:8.4f} {r['n_cos_below_099']:5d}")
-    print(f"peak RSS {peak_rss_mb():.0f} MB (all {3 + (enc16f is not None) + len(compiled)} models loaded)")
+    n_models = 2 + (enc16t is not enc16) + (enc16f is not None) + (enc16fa is not None) + len(compiled)
+    print(f"peak RSS {peak_rss_mb():.0f} MB (all {n_models} models loaded)"
+          + (f"; peak CUDA memory {torch.cuda.max_memory_allocated(DEVICE) / 2**30:.2f} GiB" if gpu else ""))
     for name, sec in compile_s.items():
         print(f"{name}: compile + first pass over both sets {sec:.0f} s (not in the rows above)")
     if enc16.cpu_kernel:
