@@ -215,6 +215,8 @@ class MicroBatcher:
 def _check_text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise APIError(422, f"{where} must be a string, got {_json_type(value)}.", param=where)
+    if not value:  # OpenAI answers 400 for "" too: its vector would be the special tokens', the same for every ""
+        raise APIError(400, f"{where} is an empty string; every input must contain text.", param=where)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
