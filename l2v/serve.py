@@ -234,8 +234,10 @@ def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
     """Validate an embeddings request body into ``texts``, ``encoding_format``, ``dimensions``, ``model``."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and ints past Python's digit limit
         raise APIError(400, f"request body is not valid JSON ({exc}).", code="invalid_json") from exc
+    except RecursionError as exc:  # json parses nesting recursively: '[[[[...' within the body limit
+        raise APIError(400, "request body is not valid JSON (nested too deeply).", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise APIError(422, f"request body must be a JSON object, got {_json_type(data)}.")
     if "input" not in data:

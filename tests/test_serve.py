@@ -111,6 +111,8 @@ def test_wrong_or_missing_key(server):
 @pytest.mark.parametrize("body,status,needle", [
     (b"{not json", 400, "not valid JSON"),
     (b"\xff\xfe", 400, "not valid JSON"),
+    (b"[" * 5000 + b"]" * 5000, 400, "nested too deeply"),  # json's RecursionError: was a plain-text 500
+    (b'{"input": "a", "dimensions": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),  # int digit limit: was a 500
     (b"[1, 2]", 422, "JSON object"),
     (b"{}", 422, "'input'"),
     (b'{"input": []}', 422, "empty"),
