@@ -88,6 +88,7 @@ class _Job:
     future: Any  # asyncio.Future (server) or concurrent.futures.Future (direct use)
     result: torch.Tensor | None = None
     tokens: int = 0
+    error: BaseException | None = None  # one of its inputs failed; the other jobs of the batch still succeed
 
 
 class MicroBatcher:
@@ -186,14 +187,21 @@ class MicroBatcher:
                 longest = len(flat[start][2].ids)
                 n = max(1, min(self.max_batch_size, self.max_batch_tokens // max(longest, 1)))
                 chunk = flat[start:start + n]
-                emb = self.encoder.checked(self.encoder.forward(self.encoder.collate([t for _, _, t in chunk])).float()).cpu()
+                emb = self.encoder.forward(self.encoder.collate([t for _, _, t in chunk])).float().cpu()
+                finite = torch.isfinite(emb).all(-1)  # rows are checked apart: a NaN fails its own request only
                 for row, (job, i, _) in enumerate(chunk):
-                    job.result[i] = emb[row]
+                    if finite[row]:
+                        job.result[i] = emb[row]
+                    elif job.error is None:
+                        try:
+                            self.encoder.checked(emb[row:row + 1])
+                        except FloatingPointError as exc:
+                            job.error = exc
                 self.batches += 1
                 self.inputs += len(chunk)
                 start += n
         for job in jobs:
-            self._finish(job, None)
+            self._finish(job, job.error)
 
     @staticmethod
     def _finish(job: _Job, exc: BaseException | None) -> None:

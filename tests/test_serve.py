@@ -292,3 +292,45 @@ def test_models_retrieve(client, server):
     bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.retrieve(NAME)
+
+
+def test_batcher_non_finite_row_fails_only_its_own_request(tiny_dir):
+    """A text whose embedding is NaN (fp16 overflow on one input) fails its own request, not every other client's
+    request that shared the forward pass with it."""
+    from l2v.serve import MicroBatcher
+
+    enc = Encoder.from_pretrained(tiny_dir, dtype="float32")
+    good = [enc.tokenize_one(t) for t in ["fine text", "another fine one"]]
+    sentinel = max(max(t.ids) for t in good) + 1
+    bad = enc.tokenize_one("poisoned text")
+    bad.ids[bad.start] = sentinel
+    forward = enc.forward
+
+    def nan_where_sentinel(batch):
+        out = forward(batch)
+        return out.masked_fill((batch["input_ids"] == sentinel).any(-1, keepdim=True).to(out.device), float("nan"))
+
+    enc.forward = nan_where_sentinel
+    batcher = MicroBatcher(enc, batch_wait_ms=500)
+    results: dict[str, object] = {}
+
+    def one(name: str, items) -> None:
+        try:
+            results[name] = batcher.encode_sync(items, timeout=30)
+        except Exception as exc:  # noqa: BLE001
+            results[name] = exc
+
+    try:
+        threads = [threading.Thread(target=one, args=("bad", [good[0], bad])),
+                   threading.Thread(target=one, args=("good", good))]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(60)
+    finally:
+        batcher.stop()
+    assert isinstance(results["bad"], FloatingPointError), results["bad"]
+    assert not isinstance(results["good"], Exception), results["good"]
+    np.testing.assert_allclose(results["good"].numpy(), enc.encode(["fine text", "another fine one"]), atol=1e-5)
+    assert batcher.batches == 1  # the two requests did share the forward pass
