@@ -260,7 +260,9 @@ def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
             raise APIError(413, f"input has {len(raw)} items; the limit is max_inputs={cfg.max_inputs}.",
                            param="input", code="max_inputs")
         if all(isinstance(x, int) and not isinstance(x, bool) for x in raw) or any(isinstance(x, list) for x in raw):
-            raise APIError(422, "token-id input is not supported; send a string or an array of strings.",
+            # LangChain's OpenAIEmbeddings sends tiktoken ids by default: OpenAI's vocabulary, meaningless here
+            raise APIError(422, "token-id input is not supported; send a string or an array of strings (LangChain: "
+                                "OpenAIEmbeddings(..., check_embedding_ctx_length=False) sends the texts).",
                            param="input")
         texts = [_check_text(x, f"input[{i}]") for i, x in enumerate(raw)]
     else:

@@ -126,6 +126,7 @@ def test_wrong_or_missing_key(server):
     (b'{"input": ["ok", null]}', 422, "input[1]"),
     (b'{"input": [1, 2, 3]}', 422, "token-id"),
     (b'{"input": [[1, 2]]}', 422, "token-id"),
+    (b'{"input": [[1, 2]]}', 422, "check_embedding_ctx_length=False"),  # what LangChain sends by default
     (b'{"input": "\\ud800x"}', 422, "lone surrogate"),
     (b'{"input": "a", "encoding_format": "int8"}', 422, "encoding_format"),
     (b'{"input": "a", "dimensions": 0}', 422, "dimensions"),
