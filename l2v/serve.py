@@ -6,8 +6,9 @@ Requests are tokenised in the request handler (so per-input limits are answered 
 passes and wakes each request. Under concurrency the model therefore sees large length-sorted batches, as in an
 offline ``Encoder.encode``.
 
-Errors use the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``; a limit that is exceeded is named
-in the message (``max_body_bytes``, ``max_inputs``, ``max_input_tokens``).
+Errors use the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` and OpenAI's status for an invalid
+request, 400 (the openai client's ``BadRequestError``); a limit that is exceeded is a 413 named in the message
+(``max_body_bytes``, ``max_inputs``, ``max_input_tokens``).
 """
 
 from __future__ import annotations
@@ -222,13 +223,13 @@ class MicroBatcher:
 # ------------------------------------------------------------------------------------------ validation
 def _check_text(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise APIError(422, f"{where} must be a string, got {_json_type(value)}.", param=where)
-    if not value:  # OpenAI answers 400 for "" too: its vector would be the special tokens', the same for every ""
+        raise APIError(400, f"{where} must be a string, got {_json_type(value)}.", param=where)
+    if not value:  # as OpenAI refuses it: its vector would be the special tokens', the same for every ""
         raise APIError(400, f"{where} is an empty string; every input must contain text.", param=where)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise APIError(422, f"{where} is not valid Unicode (lone surrogate at character {exc.start}).",
+        raise APIError(400, f"{where} is not valid Unicode (lone surrogate at character {exc.start}).",
                        param=where) from exc
     return value
 
@@ -247,38 +248,38 @@ def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
     except RecursionError as exc:  # json parses nesting recursively: '[[[[...' within the body limit
         raise APIError(400, "request body is not valid JSON (nested too deeply).", code="invalid_json") from exc
     if not isinstance(data, dict):
-        raise APIError(422, f"request body must be a JSON object, got {_json_type(data)}.")
+        raise APIError(400, f"request body must be a JSON object, got {_json_type(data)}.")
     if "input" not in data:
-        raise APIError(422, "missing required field 'input' (a string or an array of strings).", param="input")
+        raise APIError(400, "missing required field 'input' (a string or an array of strings).", param="input")
     raw = data["input"]
     if isinstance(raw, str):
         texts = [_check_text(raw, "input")]
     elif isinstance(raw, list):
         if not raw:
-            raise APIError(422, "input must not be an empty array.", param="input")
+            raise APIError(400, "input must not be an empty array.", param="input")
         if len(raw) > cfg.max_inputs:
             raise APIError(413, f"input has {len(raw)} items; the limit is max_inputs={cfg.max_inputs}.",
                            param="input", code="max_inputs")
         if all(isinstance(x, int) and not isinstance(x, bool) for x in raw) or any(isinstance(x, list) for x in raw):
             # LangChain's OpenAIEmbeddings sends tiktoken ids by default: OpenAI's vocabulary, meaningless here
-            raise APIError(422, "token-id input is not supported; send a string or an array of strings (LangChain: "
+            raise APIError(400, "token-id input is not supported; send a string or an array of strings (LangChain: "
                                 "OpenAIEmbeddings(..., check_embedding_ctx_length=False) sends the texts).",
                            param="input")
         texts = [_check_text(x, f"input[{i}]") for i, x in enumerate(raw)]
     else:
-        raise APIError(422, f"input must be a string or an array of strings, got {_json_type(raw)}.",
+        raise APIError(400, f"input must be a string or an array of strings, got {_json_type(raw)}.",
                        param="input")
     fmt = data.get("encoding_format", "float")
     if fmt is None:
         fmt = "float"
     if fmt not in ("float", "base64"):
-        raise APIError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}.", param="encoding_format")
+        raise APIError(400, f"encoding_format must be 'float' or 'base64', got {fmt!r}.", param="encoding_format")
     dims = data.get("dimensions")
     if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= dim):
-        raise APIError(422, f"dimensions must be an integer in [1, {dim}], got {dims!r}.", param="dimensions")
+        raise APIError(400, f"dimensions must be an integer in [1, {dim}], got {dims!r}.", param="dimensions")
     model = data.get("model")
     if model is not None and not isinstance(model, str):
-        raise APIError(422, f"model must be a string, got {_json_type(model)}.", param="model")
+        raise APIError(400, f"model must be a string, got {_json_type(model)}.", param="model")
     if model not in (None, cfg.model_name):
         raise APIError(404, f"model {model!r} is not served here; this server serves {cfg.model_name!r}.",
                        param="model", code="model_not_found")
