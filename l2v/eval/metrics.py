@@ -53,6 +53,10 @@ def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) ->
         raise ValueError(f"pearson: x and y must have the same length, got {a.shape} and {b.shape}.")
     if len(a) < 2:
         return NAN
+    # tested before centring, as scipy does: a - a.mean() of a constant can leave ~1e-17 residuals (the mean
+    # of [0.1] * 3 is not 0.1) and a spurious r near 0 instead of nan
+    if (a == a[0]).all() or (b == b[0]).all():
+        return NAN
     a, b = a - a.mean(), b - b.mean()
     denom = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
     if denom == 0.0:

@@ -48,6 +48,14 @@ def test_correlation_undefined_cases_are_nan():
         M.pearson([1, 2], [1, 2, 3])
 
 
+def test_constant_input_is_nan_even_when_its_mean_is_inexact():
+    # mean([0.1] * 3) != 0.1 in floating point: centring left ~1e-17 residuals and a spurious r ~ 1e-16 where
+    # scipy (and so MTEB) reports nan, e.g. cosine_pearson of a collapsed model whose cosines are all equal
+    assert math.isnan(M.pearson([0.1, 0.1, 0.1], [3.0, 0.3, 3.0]))
+    assert math.isnan(M.pearson([3.0, 0.3, 3.0], [0.1, 0.1, 0.1]))
+    assert math.isnan(M.pearson([0.123456] * 10, list(range(10))))
+
+
 def test_spearman_matches_scipy():
     scipy_stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(0)
