@@ -121,6 +121,11 @@ class EmbeddingCache:
         if out.ndim != 2 or out.shape[0] != len(texts):
             raise ValueError(f"model {getattr(self.model, 'name', self.model)!r} returned shape {out.shape} for "
                              f"{len(texts)} texts; expected ({len(texts)}, dim).")
+        if not np.isfinite(out).all():  # NaN similarities would still rank and correlate: wrong numbers, no error
+            bad = int((~np.isfinite(out)).any(axis=1).sum())
+            raise ValueError(f"model {getattr(self.model, 'name', self.model)!r} returned non-finite (NaN/inf) "
+                             f"embeddings for {bad} of {len(texts)} texts (fp16 overflow?); scores from them "
+                             "would be meaningless.")
         return out
 
     def __call__(self, texts: list[str], instruction: str | None = None) -> np.ndarray:

@@ -141,6 +141,25 @@ def test_cache_rejects_bad_model_output():
         EmbeddingCache(Broken())(["a"])
 
 
+def test_cache_rejects_non_finite_embeddings():
+    # NaN similarities do not fail loudly downstream: a NaN cosine got a rank in Spearman and sorted first in
+    # retrieval, so a custom or sentence-transformers model overflowing in fp16 scored as if it worked (scipy
+    # and scikit-learn, which MTEB uses, give nan or refuse the input)
+    class Overflowing:
+        name, dim = "overflowing", 2
+
+        def encode(self, texts, **_):
+            out = np.ones((len(texts), 2), dtype=np.float32)
+            out[0, 0] = np.nan
+            return out
+
+    with pytest.raises(ValueError, match="non-finite"):
+        EmbeddingCache(Overflowing())(["a", "b"])
+    task = STSTask(name="sts", sentences1=["a", "b", "c"], sentences2=["d", "e", "f"], scores=[1, 2, 3])
+    with pytest.raises(ValueError, match="'overflowing'.*non-finite"):
+        run_tasks(Overflowing(), [task])
+
+
 def test_run_tasks_structure_and_skips(trigram, monkeypatch):
     def missing():
         raise DataSourceMissing("needs the 'frobnicate' package")
