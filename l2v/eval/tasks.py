@@ -57,7 +57,8 @@ def _check_lengths(task: str, **columns: Sequence) -> None:
 
 @dataclass
 class STSTask(Task):
-    """Pairs of texts with a gold similarity: Spearman (main) and Pearson of their cosine similarity."""
+    """Pairs of texts with a gold similarity: Spearman (main) and Pearson of their cosine similarity, and of
+    negative Manhattan and Euclidean distances (MTEB reports all six under these names)."""
 
     sentences1: list[str] = field(default_factory=list)
     sentences2: list[str] = field(default_factory=list)
@@ -78,8 +79,12 @@ class STSTask(Task):
     def evaluate(self, embed: Embed) -> dict[str, float]:
         a = embed(self.sentences1, instruction=self.instruction)
         b = embed(self.sentences2, instruction=self.instruction)
-        cos = M.cosine_pairs(a, b)
-        return {"cosine_spearman": M.spearman(cos, self.scores), "cosine_pearson": M.pearson(cos, self.scores)}
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        out = {}
+        for fn, sims in (("cosine", M.cosine_pairs(a, b)), ("manhattan", -np.abs(a - b).sum(1)),
+                         ("euclidean", -np.linalg.norm(a - b, axis=1))):
+            out[f"{fn}_spearman"], out[f"{fn}_pearson"] = M.spearman(sims, self.scores), M.pearson(sims, self.scores)
+        return out
 
 
 @dataclass

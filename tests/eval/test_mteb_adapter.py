@@ -63,11 +63,15 @@ def test_mteb_scores_match_l2v_tasks(tiny_encoder):
     assert not result.exceptions
     by_name = {r.task_name: r.scores["test"][0] for r in result.task_results}
     ours_sts = STSTask(name="s", sentences1=S1, sentences2=S2, scores=SCORES).evaluate(EmbeddingCache(tiny_encoder))
-    assert by_name["L2VLocalSTS"]["cosine_spearman"] == pytest.approx(ours_sts["cosine_spearman"], abs=1e-6)
-    assert by_name["L2VLocalSTS"]["cosine_pearson"] == pytest.approx(ours_sts["cosine_pearson"], abs=1e-5)
+    # every similarity mteb correlates with the gold scores, under mteb's names
+    for fn in ("cosine", "manhattan", "euclidean"):
+        assert by_name["L2VLocalSTS"][f"{fn}_spearman"] == pytest.approx(ours_sts[f"{fn}_spearman"], abs=1e-6)
+        assert by_name["L2VLocalSTS"][f"{fn}_pearson"] == pytest.approx(ours_sts[f"{fn}_pearson"], abs=1e-5)
     ours_pairs = PairClassificationTask(name="p", sentences1=S1, sentences2=S2, labels=[1, 0, 1, 0, 1]).evaluate(
         EmbeddingCache(tiny_encoder))
     assert by_name["L2VLocalPairs"]["similarity_ap"] == pytest.approx(ours_pairs["cosine_ap"], abs=1e-6)
+    for key in ("cosine_ap", "dot_ap", "euclidean_ap", "manhattan_ap", "max_ap"):
+        assert by_name["L2VLocalPairs"][key] == pytest.approx(ours_pairs[key], abs=1e-6)
 
 
 def test_instructions_go_to_queries_not_documents(tiny_encoder):
