@@ -157,7 +157,11 @@ def load_beir(folder: Path, split: str = "test", name: str | None = None, instru
         corpus[doc_id] = f"{title} {text}".strip()  # MTEB's (title + " " + text).strip(); text.strip() untitled
     queries = {_field(r, "_id", queries_path): _field(r, "text", queries_path) for r in read_records(queries_path)}
     qrels: dict[str, dict[str, int]] = {}
-    for row in read_records(qrels_path):
+    qrel_rows = read_records(qrels_path)
+    if not qrel_rows:  # else a task of 0 queries: every metric nan, a null score rather than an error
+        raise ValueError(f"{qrels_path}: no relevance judgements; expected a header line (query-id, corpus-id, "
+                         "score, tab-separated), then one line per judged query-document pair.")
+    for row in qrel_rows:
         qid = _field(row, "query-id", qrels_path)
         did = _field(row, "corpus-id", qrels_path)
         qrels.setdefault(qid, {})[did] = _field(row, "score", qrels_path, int)

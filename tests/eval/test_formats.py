@@ -49,6 +49,16 @@ def test_beir_errors_name_the_file(tmp_path):
         load_task(folder)
 
 
+def test_beir_qrels_without_judgements_is_an_error(tmp_path):
+    # a qrels file without its header line (its first judgement read as the header) or with the header only
+    # loaded as a task of 0 queries: every metric nan, reported as a null score instead of an error
+    folder = make_beir(tmp_path / "b")
+    for text in ("q1\td1\t1\n", "query-id\tcorpus-id\tscore\n"):
+        (folder / "qrels" / "test.tsv").write_text(text)
+        with pytest.raises(ValueError, match=r"test\.tsv: no relevance judgements.*header line"):
+            load_task(folder)
+
+
 def test_pairs_tsv_sts_and_pair_classification(tmp_path):
     sts = tmp_path / "sts.tsv"
     sts.write_text("sentence1\tsentence2\tscore\na cat\ta kitten\t4.5\na cat\tstocks\t0\n")
