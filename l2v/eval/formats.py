@@ -65,12 +65,15 @@ def read_records(path: Path) -> list[dict]:
         for lineno, line in enumerate(split_lines(text), 1):
             if not line.strip():
                 continue
+            # a JSON array (a common .json export) fails on its first line: say which format is read instead
+            hint = " The file is read as JSON Lines: one JSON object per line, not a JSON array." \
+                if line.lstrip().startswith("[") else ""
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg}).") from exc
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg}).{hint}") from exc
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.{hint}")
             row["__line__"] = lineno
             rows.append(row)
         return rows

@@ -111,6 +111,11 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "d.xml").write_text("<x/>")
     with pytest.raises(ValueError, match="unsupported file type"):
         read_records(tmp_path / "d.xml")
+    array = tmp_path / "a.json"  # a JSON array, pretty-printed or on one line: say that JSON Lines is read
+    for text in ('[\n  {"text": "a", "label": 1}\n]\n', '[{"text": "a", "label": 1}]\n'):
+        array.write_text(text)
+        with pytest.raises(ValueError, match=r"a\.json:1: .*one JSON object per line, not a JSON array"):
+            read_records(array)
     empty = tmp_path / "empty_dir"
     empty.mkdir()
     with pytest.raises(ValueError, match="no task data found"):
