@@ -136,6 +136,25 @@ def test_retrieval_matches_pytrec_eval():
         assert close(ours[ours_key], expected, 1e-6), ours_key
 
 
+def test_retrieval_matches_mteb():
+    """Every metric under mteb's names, incl. MRR (mteb's own code), P@k past the run's end, grades 2-3, negative
+    grades and queries whose judgements are all <= 0 (kept by mteb, they score 0)."""
+    mteb_metrics = pytest.importorskip("mteb._evaluators.retrieval_metrics")
+    rng = np.random.default_rng(2)
+    qrels, run = {}, {}
+    for q in range(40):
+        docs = [f"d{i}" for i in rng.choice(20, int(rng.integers(1, 15)), replace=False)]
+        judged = rng.choice(docs, int(rng.integers(1, len(docs) + 1)), replace=False)
+        qrels[f"q{q}"] = {d: int(rng.choice([-1, 0, 0, 1, 2, 3])) for d in judged}
+        run[f"q{q}"] = {d: float(np.round(rng.random(), 1)) for d in docs}
+    ks = (1, 3, 5, 10, 20)
+    r = mteb_metrics.calculate_retrieval_scores(run, qrels, ks)
+    ref = mteb_metrics.make_score_dict(ndcg=r.ndcg, _map=r.map, recall=r.recall, precision=r.precision, mrr=r.mrr,
+                                       naucs={}, naucs_mrr={}, hit_rate=r.hit_rate, task_scores={})
+    for key, value in M.retrieval_metrics(qrels, run, ks).items():
+        assert close(value, ref[key], 1e-5), key  # mteb rounds to 5 decimals
+
+
 # ------------------------------------------------------------------------------------- average precision
 def test_average_precision_hand_computed():
     # ranking by score: 1, 0, 1, 0 -> AP = (1/1 + 2/3) / 2
