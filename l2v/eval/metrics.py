@@ -16,7 +16,7 @@
 * Classification: accuracy and macro-F1 (``f1_score(average="macro")``, per-class F1 = 0 when undefined).
 
 Undefined cases return ``nan`` (e.g. a correlation of fewer than two points or of a constant, AP without a
-positive) -- except V-measure of nothing, which is 1.0 as in scikit-learn.
+positive, where scikit-learn warns and returns 0) -- except V-measure of nothing, which is 1.0 as in scikit-learn.
 """
 
 from __future__ import annotations

@@ -146,6 +146,8 @@ class RetrievalTask(Task):
 class RerankingTask(Task):
     """Each query ranks its own candidates: MAP (main; MTEB's map_at_1000) and MRR@10.
 
+    Tied candidates rank negatives first, as the ``apositive_*`` / ``negative_*`` ids MTEB gives them do.
+
     ``samples``: ``[{"query": str, "positive": [str, ...], "negative": [str, ...]}, ...]`` (MTEB's format).
     As in MTEB, a sample without a positive or without a negative is not scored (its AP would be 0 or 1 whatever
     the model does); ``size()`` still counts it.
@@ -219,9 +221,12 @@ class ClassificationTask(Task):
     """Logistic regression on frozen embeddings: accuracy (main) and macro-F1.
 
     With ``test_texts`` given: train on the train split, score on test. Otherwise stratified ``n_folds``-fold
-    cross-validation (shuffled, fixed seed), metrics averaged over folds. The classifier is MTEB's:
-    ``LogisticRegression(max_iter=100)`` on the raw embeddings. (MTEB additionally averages 10 undersampled
-    training sets; with a few hundred examples we use every one.)
+    cross-validation (shuffled, fixed seed), metrics averaged over folds. The classifier is MTEB's,
+    ``LogisticRegression(max_iter=100)`` on the raw embeddings, but it is trained on *every* training example:
+    MTEB averages ``n_experiments`` (10) classifiers, each trained on ``samples_per_label`` random examples per
+    class (8 by default, 16 or 32 on many tasks; plain KFold with that undersampling for its cross-validated
+    tasks). Fewer training examples usually mean lower accuracy, so these scores are not MTEB leaderboard numbers
+    even on the same data; run MTEB's tasks through :mod:`l2v.eval.mteb_adapter` for those.
     """
 
     texts: list[str] = field(default_factory=list)
@@ -289,8 +294,13 @@ class ClassificationTask(Task):
 
 @dataclass
 class ClusteringTask(Task):
-    """Mini-batch k-means (k = number of gold labels) on the embeddings: V-measure (main), averaged over
-    ``n_runs`` seeds (MTEB: ``MiniBatchKMeans(batch_size=512, n_init=1)`` per experiment)."""
+    """Mini-batch k-means (k = number of gold labels) on all the embeddings: V-measure (main), mean and std over
+    ``n_runs`` k-means seeds.
+
+    The clusterer is MTEB's, ``MiniBatchKMeans(batch_size=512, n_init=1)``, the sampling is not: MTEB's clustering
+    tasks score 10 bootstrap resamples (with replacement, up to 16,384 texts each) with one k-means seed, its
+    legacy ones each set once (``batch_size=500``), so the two averages differ by more than rounding.
+    """
 
     texts: list[str] = field(default_factory=list)
     labels: list = field(default_factory=list)
@@ -327,7 +337,11 @@ class ClusteringTask(Task):
 @dataclass
 class PairClassificationTask(Task):
     """Pairs labelled 1 (same meaning / match) or 0: average precision of cosine similarity (main), plus AP of
-    dot product, negative Euclidean and Manhattan distances and their max (MTEB's ``max_ap``)."""
+    dot product, negative Euclidean and Manhattan distances and their max.
+
+    MTEB's main score for most pair-classification tasks is that max, ``max_ap``: compare it, not ``cosine_ap``,
+    with a leaderboard. (MTEB's best-threshold accuracy / F1 are not computed.)
+    """
 
     sentences1: list[str] = field(default_factory=list)
     sentences2: list[str] = field(default_factory=list)
