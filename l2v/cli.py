@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, TypeError, FileNotFoundError, OSError) as exc:
-        # Known bad-input errors carry a message naming the problem; no traceback for users.
+    except (CLIError, ValueError, TypeError, FileNotFoundError, OSError, FloatingPointError) as exc:
+        # Known bad-input errors carry a message naming the problem; no traceback for users. FloatingPointError:
+        # the model produced NaN/inf embeddings (Encoder.checked names the dtype and the usual cure).
         if os.environ.get("L2V_DEBUG"):
             raise
         print(f"l2v {args.command}: error: {exc}", file=sys.stderr)

@@ -252,3 +252,21 @@ def test_output_directories_that_are_files_fail_before_loading(tmp_path, capsys,
     monkeypatch.chdir(full)
     assert main(["export", "m", ".", "--overwrite"]) == 2
     assert "is the current directory" in capsys.readouterr().err and (full / "keep.txt").is_file()
+
+
+def test_non_finite_embeddings_are_one_line_and_write_nothing(tmp_path, capsys):
+    """A model whose output is NaN (broken weights, fp16 overflow): a named error, no traceback, no output file."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(save_tiny("llama", tmp_path / "nan-model"))
+    state = load_file(path / "model.safetensors")
+    key = next(k for k in state if k.endswith("norm.weight") and "layers" not in k)
+    state[key] = state[key] * float("nan")
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "x.npy"
+    assert main(["encode", "a text", "-m", str(path), "--dtype", "float32", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite (NaN/inf) embeddings" in err and "Traceback" not in err
+    assert not out.exists()

@@ -116,7 +116,7 @@ requests = st.fixed_dictionaries(
 @given(req=requests)
 def test_server_answers_any_json_without_500(http, encoder, req):
     r = http.post("/v1/embeddings", content=json.dumps(req))
-    assert r.status_code in (200, 400, 404, 413, 422), r.text
+    assert r.status_code in (200, 400, 404, 413), r.text
     event(f"status {r.status_code}")
     body = r.json()
     if r.status_code != 200:
@@ -138,12 +138,12 @@ def test_server_answers_any_json_without_500(http, encoder, req):
 @given(raw=st.binary(max_size=300))
 def test_server_answers_any_bytes_without_500(http, raw):
     r = http.post("/v1/embeddings", content=raw, headers={"content-type": "application/json"})
-    assert r.status_code in (200, 400, 404, 413, 422), r.text
+    assert r.status_code in (200, 400, 404, 413), r.text
 
 
 def test_server_keeps_serving_after_garbage(http, encoder):
     for junk in (b"\x00" * 100, b"{" * 5000, b'{"input": "' + b"\xc3" * 10 + b'"}'):
-        assert http.post("/v1/embeddings", content=junk).status_code in (400, 413, 422)
+        assert http.post("/v1/embeddings", content=junk).status_code in (400, 413)
     r = http.post("/v1/embeddings", json={"input": ["still alive"]})
     assert r.status_code == 200
     np.testing.assert_allclose(r.json()["data"][0]["embedding"], encoder.encode("still alive", normalize=True),
