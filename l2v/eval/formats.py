@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -152,13 +153,19 @@ def load_beir(folder: Path, split: str = "test", name: str | None = None, instru
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing; a BEIR folder needs corpus.jsonl, queries.jsonl and "
                                     f"qrels/{split}.tsv.")
-    corpus = {}
-    for row in read_records(corpus_path):
+    corpus: dict[str, str] = {}
+    corpus_rows = read_records(corpus_path)
+    for row in corpus_rows:
         doc_id = _field(row, "_id", corpus_path)
         title = str(row.get("title") or "")
         text = _field(row, "text", corpus_path)
         corpus[doc_id] = f"{title} {text}".strip()  # MTEB's (title + " " + text).strip(); text.strip() untitled
-    queries = {_field(r, "_id", queries_path): _field(r, "text", queries_path) for r in read_records(queries_path)}
+    query_rows = read_records(queries_path)
+    queries = {_field(r, "_id", queries_path): _field(r, "text", queries_path) for r in query_rows}
+    for path, rows, kept in ((corpus_path, corpus_rows, corpus), (queries_path, query_rows, queries)):
+        if len(rows) != len(kept):  # as in BEIR/MTEB the last record of an id wins; say so rather than silently
+            warnings.warn(f"{path}: {len(rows) - len(kept)} records repeat an earlier _id; the last one of each "
+                          "id is used.", stacklevel=2)
     qrels: dict[str, dict[str, int]] = {}
     qrel_rows = read_records(qrels_path)
     if not qrel_rows:  # else a task of 0 queries: every metric nan, a null score rather than an error

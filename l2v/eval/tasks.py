@@ -106,6 +106,9 @@ class RetrievalTask(Task):
     main_score: ClassVar[str] = "ndcg_at_10"
 
     def __post_init__(self) -> None:
+        if 10 not in self.k_values or any(not isinstance(k, int) or k < 1 for k in self.k_values):
+            raise ValueError(f"task {self.name!r}: k_values must be positive integers including 10 (the main "
+                             f"score is nDCG@10), got {self.k_values!r}.")
         # MTEB drops a query with no qrels at all (one whose qrels are all 0 stays and scores 0)
         self.qrels = {q: rels for q, rels in self.qrels.items() if rels}
         missing_q = [q for q in self.qrels if q not in self.queries]

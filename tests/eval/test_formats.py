@@ -173,3 +173,12 @@ def test_beir_document_text_is_stripped_as_mteb(tmp_path):
                                           {"_id": "d3", "title": None, "text": "x "}])
     (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
     assert load_task(folder).corpus == {"d1": "Cats   the cat eats fish", "d2": "stock prices fell", "d3": "x"}
+
+
+def test_beir_repeated_ids_warn_and_the_last_wins(tmp_path):
+    folder = make_beir(tmp_path / "b")
+    with open(folder / "corpus.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"_id": "d1", "title": "", "text": "a second d1"}) + "\n")
+    with pytest.warns(UserWarning, match=r"corpus\.jsonl: 1 records repeat an earlier _id"):
+        task = load_task(folder)
+    assert task.corpus["d1"] == "a second d1" and len(task.corpus) == 2

@@ -238,3 +238,13 @@ def test_retrieval_drops_queries_without_qrels(trigram):
     assert task.size()["queries"] == 1 and task.evaluate(EmbeddingCache(trigram))["ndcg_at_10"] == pytest.approx(1.0)
     zero = RetrievalTask(name="z", corpus=corpus, queries=queries, qrels={"q": {"d4": 1}, "zero": {"d1": 0}})
     assert zero.evaluate(EmbeddingCache(trigram))["ndcg_at_10"] == pytest.approx(0.5)
+
+
+def test_retrieval_k_values_must_include_the_main_score_cutoff():
+    # the main score is nDCG@10: k_values without 10 failed at the end of the evaluation with a KeyError
+    with pytest.raises(ValueError, match=r"k_values must .* including 10"):
+        RetrievalTask(name="r", corpus={"d": "x"}, queries={"q": "y"}, qrels={"q": {"d": 1}}, k_values=(1, 5))
+    with pytest.raises(ValueError, match="k_values"):
+        RetrievalTask(name="r", corpus={"d": "x"}, queries={"q": "y"}, qrels={"q": {"d": 1}}, k_values=(0, 10))
+    assert RetrievalTask(name="r", corpus={"d": "x"}, queries={"q": "y"}, qrels={"q": {"d": 1}},
+                         k_values=(10, 20)).k_values == (10, 20)
