@@ -82,6 +82,10 @@ class APIError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- batching
+def _shutting_down() -> APIError:
+    return APIError(503, "server is shutting down; retry.", code="shutting_down", type_="server_error")
+
+
 @dataclass
 class _Job:
     items: list[Tokenized]
@@ -130,20 +134,37 @@ class MicroBatcher:
         return future.result(timeout)
 
     def _put(self, job: _Job) -> None:
-        if self._stopped:
-            raise RuntimeError("the batcher is stopped.")
+        job.tokens = sum(len(t.ids) for t in job.items)
+        # Checked and queued under one lock: a stop() in between would queue the job behind the stop marker,
+        # where the exited worker never answers it.
         with self._lock:
+            if self._stopped:
+                raise _shutting_down()
             if self._queued + len(job.items) > self.max_queued_inputs:
                 raise APIError(503, f"server busy: more than max_queued_inputs={self.max_queued_inputs} inputs "
                                     "are waiting; retry later.", code="overloaded", type_="server_error")
             self._queued += len(job.items)
-        job.tokens = sum(len(t.ids) for t in job.items)
-        self._queue.put(job)
+            self._queue.put(job)  # unbounded: never blocks while holding the lock
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stopped = True
-        self._queue.put(None)
+        """Refuse new work (503), let the worker finish what is queued, then fail anything it left behind."""
+        with self._lock:
+            self._stopped = True
+            self._queue.put(None)
         self._thread.join(timeout)
+        if not self._thread.is_alive():  # else the worker is mid-batch and still owns the queue
+            self._fail_leftovers()
+
+    def _fail_leftovers(self) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                with self._lock:
+                    self._queued -= len(job.items)
+                self._finish(job, _shutting_down())
 
     # --------------------------------------------------------------------------------- worker thread
     def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
@@ -315,6 +336,7 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
         try:
             yield
         finally:
+            state["stopping"] = True
             state.pop("batcher").stop()
 
     app = FastAPI(title="l2v embeddings", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -400,6 +422,8 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
         items = await run_in_threadpool(tokenize, req["texts"])
         batcher: MicroBatcher | None = state.get("batcher")
         if batcher is None:
+            if state.get("stopping"):
+                raise _shutting_down()
             raise APIError(503, "server is starting; retry.", type_="server_error")
         try:
             vectors = await batcher.submit(items, asyncio.get_running_loop())

@@ -253,8 +253,9 @@ def test_batcher_direct_use_and_backpressure(encoder):
         assert info.value.status == 503
     finally:
         batcher.stop()
-    with pytest.raises(RuntimeError, match="stopped"):
+    with pytest.raises(APIError, match="shutting down") as info:  # was a RuntimeError: a 500 in the server
         batcher.encode_sync([encoder.tokenize_one("x")])
+    assert info.value.status == 503
 
 
 def test_batcher_serves_a_training_mode_encoder_without_dropout(tiny_dir):
@@ -356,3 +357,70 @@ def test_embeddings_response_skips_fastapis_per_element_encoder(server, monkeypa
     r = post(server[0], json.dumps({"input": ["a", "b"], "encoding_format": "float"}))
     assert r.status_code == 200 and len(r.json()["data"]) == 2
     assert calls == []
+
+
+class _HookedLock:
+    """A lock that runs ``hook`` once, in ``thread``, just before it is first acquired there."""
+
+    def __init__(self, lock, hook, thread: threading.Thread) -> None:
+        self.lock, self.hook, self.thread = lock, hook, thread
+
+    def __enter__(self):
+        if self.hook is not None and threading.current_thread() is self.thread:
+            hook, self.hook = self.hook, None
+            hook()
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+
+def test_batcher_request_racing_stop_is_refused_not_lost(encoder):
+    """stop() landing between a request's "not stopped?" check and its enqueue queued the request behind the
+    stop marker: the worker had exited, so it was never answered. The check and the enqueue are now atomic."""
+    from l2v.serve import APIError, MicroBatcher
+
+    batcher = MicroBatcher(encoder, batch_wait_ms=1)
+    batcher._lock = _HookedLock(batcher._lock, batcher.stop, threading.current_thread())
+    with pytest.raises(APIError, match="shutting down") as info:
+        batcher.encode_sync([encoder.tokenize_one("x")], timeout=5)  # was: TimeoutError (never answered)
+    assert info.value.status == 503 and batcher.queued == 0
+
+
+def test_batcher_stop_fails_requests_left_in_the_queue(encoder):
+    """A request still queued when the worker has exited is answered 503 by stop(), not left waiting forever."""
+    from l2v.serve import APIError, MicroBatcher
+
+    batcher = MicroBatcher(encoder, batch_wait_ms=1)
+    batcher._queue.put(None)  # the worker exits, as after a stop marker, but the batcher is not marked stopped
+    batcher._thread.join(10)
+    assert not batcher._thread.is_alive()
+    result: dict[str, object] = {}
+
+    def one() -> None:
+        try:
+            result["r"] = batcher.encode_sync([encoder.tokenize_one("x")], timeout=5)
+        except Exception as exc:  # noqa: BLE001
+            result["r"] = exc
+
+    t = threading.Thread(target=one)
+    t.start()
+    deadline = time.monotonic() + 10
+    while batcher.queued == 0 and t.is_alive():  # queued behind the marker, nobody to serve it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    batcher.stop()
+    t.join(10)
+    assert isinstance(result["r"], APIError) and result["r"].status == 503, result["r"]
+    assert batcher.queued == 0
+
+
+def test_request_after_batcher_stop_is_503_not_500(encoder):
+    """A request reaching a stopped batcher (shutdown under way) is a 503 'shutting down', not a 500."""
+    app = create_app(encoder, ServeConfig(model_name=NAME, batch_wait_ms=1))
+    with running_server(app) as url:
+        app.state.l2v["batcher"].stop()
+        r = httpx.post(url + "/v1/embeddings", json={"input": "hi"}, timeout=30)
+    assert r.status_code == 503, r.text
+    assert "shutting down" in r.json()["error"]["message"] and r.json()["error"]["type"] == "server_error"
