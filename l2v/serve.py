@@ -6,6 +6,11 @@ Requests are tokenised in the request handler (so per-input limits are answered 
 passes and wakes each request. Under concurrency the model therefore sees large length-sorted batches, as in an
 offline ``Encoder.encode``.
 
+Instructions (LLM2Vec puts one on queries, none on documents): a request picks one with the extra body field
+``prompt_name`` (a name from ``ServeConfig.prompts``, as in sentence-transformers and TEI) or ``instruction`` (the
+text), not both; otherwise ``ServeConfig.instruction`` applies. An empty one means none. Only the text's tokens are
+pooled; ``usage.prompt_tokens`` counts every token the model ran (special tokens and the instruction included).
+
 Errors use the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` and OpenAI's status for an invalid
 request, 400 (the openai client's ``BadRequestError``); a limit that is exceeded is a 413 named in the message
 (``max_body_bytes``, ``max_inputs``, ``max_input_tokens``).
@@ -25,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,6 +59,8 @@ class ServeConfig:
     batch_wait_ms: float = 5.0
     max_queued_inputs: int = 16384  # beyond this the server answers 503 instead of queueing without bound
     normalize: bool = True  # OpenAI embeddings are unit length
+    instruction: str | None = None  # for requests that choose none (LLM2Vec: the query instruction)
+    prompts: dict[str, str] = field(default_factory=dict)  # name -> instruction, chosen by a request's prompt_name
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_inputs", "max_batch_tokens", "max_batch_size", "max_queued_inputs"):
@@ -67,6 +74,14 @@ class ServeConfig:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms!r}.")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string or None.")
+        if self.instruction is not None and (not isinstance(self.instruction, str) or not self.instruction):
+            raise ValueError(f"instruction must be a non-empty string or None, got {self.instruction!r}.")
+        if not isinstance(self.prompts, dict):
+            raise ValueError(f"prompts must be a dict of name -> instruction, got {type(self.prompts).__name__}.")
+        for name, text in self.prompts.items():
+            if not isinstance(name, str) or not name or not isinstance(text, str):
+                raise ValueError(f"prompts: expected a non-empty name and a string instruction (empty: none), got "
+                                 f"{name!r}: {text!r}.")
 
 
 class APIError(Exception):
@@ -255,13 +270,37 @@ def _check_text(value: Any, where: str) -> str:
     return value
 
 
+def _resolve_instruction(data: dict[str, Any], cfg: ServeConfig) -> str | None:
+    """The request's ``prompt_name`` or ``instruction`` (one of them), else the server's default; ``""`` is none,
+    so a request can opt out of a default (documents, when the default is a query instruction)."""
+    name, text = data.get("prompt_name"), data.get("instruction")
+    if name is not None and text is not None:
+        raise APIError(400, "send 'prompt_name' or 'instruction', not both.", param="prompt_name")
+    if name is not None:
+        if not isinstance(name, str):
+            raise APIError(400, f"prompt_name must be a string, got {_json_type(name)}.", param="prompt_name")
+        if name not in cfg.prompts:
+            known = (", ".join(repr(n) for n in cfg.prompts) if cfg.prompts
+                     else "none (start it with --prompt NAME=TEXT, or send 'instruction')")
+            raise APIError(400, f"unknown prompt_name {name[:60]!r}; this server's prompts: {known}.",
+                           param="prompt_name", code="unknown_prompt_name")
+        return cfg.prompts[name] or None
+    if text is not None:
+        if not isinstance(text, str):
+            raise APIError(400, f"instruction must be a string, got {_json_type(text)}.", param="instruction")
+        if text:
+            _check_text(text, "instruction")
+        return text or None
+    return cfg.instruction
+
+
 def _json_type(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
 def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
-    """Validate an embeddings request body into ``texts``, ``encoding_format``, ``dimensions``, ``model``."""
+    """Validate an embeddings request body into ``texts``, ``instruction``, ``encoding_format``, ``dimensions``."""
     try:
         data = json.loads(body)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and ints past Python's digit limit
@@ -304,7 +343,8 @@ def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
     if model not in (None, cfg.model_name):
         raise APIError(404, f"model {model!r} is not served here; this server serves {cfg.model_name!r}.",
                        param="model", code="model_not_found")
-    return {"texts": texts, "encoding_format": fmt, "dimensions": dims}
+    return {"texts": texts, "instruction": _resolve_instruction(data, cfg), "encoding_format": fmt,
+            "dimensions": dims}
 
 
 def format_embeddings(vectors: torch.Tensor, fmt: str, dimensions: int | None, normalize: bool) -> list[Any]:
@@ -326,6 +366,11 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
     max_tokens = min(cfg.max_input_tokens or budget, budget)
     # Compare fixed-length digests so neither the key's content nor its length shows in the timing.
     expected_key = hashlib.sha256(cfg.api_key.encode("utf-8")).digest() if cfg.api_key else None
+    for name, text in [("--instruction", cfg.instruction), *((f"prompt {n!r}", t) for n, t in cfg.prompts.items())]:
+        try:  # a configured instruction that fills max_length would fail every request that uses it
+            encoder.tokenize_one("x", text)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
     tokenize_lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads at once
     state: dict[str, Any] = {}
 
@@ -378,14 +423,23 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
                 raise APIError(413, f"request body exceeds max_body_bytes={limit}.", code="max_body_bytes")
         return bytes(body)
 
-    def tokenize(texts: list[str]) -> list[Tokenized]:
+    def tokenize(texts: list[str], instruction: str | None) -> list[Tokenized]:
         items = []
         with tokenize_lock:
             for i, text in enumerate(texts):
-                item = encoder.tokenize_one(text)
+                try:
+                    item = encoder.tokenize_one(text, instruction)
+                except ValueError as exc:  # a request's instruction that alone fills max_length
+                    raise APIError(400, str(exc), param="instruction", code="instruction_too_long") from None
                 n_text = max(item.end - item.start, 0)
                 if item.truncated or n_text > max_tokens:
                     where = "input" if len(texts) == 1 else f"input[{i}]"
+                    alone = encoder.tokenize_one(text) if instruction and item.truncated else None
+                    if alone is not None and not alone.truncated and alone.end - alone.start <= max_tokens:
+                        # within max_input_tokens: the instruction took the room it needed
+                        raise APIError(413, f"{where} does not fit in max_length={budget} tokens with the "
+                                            "instruction; shorten one of them.", param=where,
+                                       code="max_input_tokens")
                     raise APIError(413, f"{where} is longer than max_input_tokens={max_tokens} tokens.",
                                    param=where, code="max_input_tokens")
                 items.append(item)
@@ -396,7 +450,8 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
         batcher = state.get("batcher")
         return {"status": "ok" if batcher is not None else "starting", "model": cfg.model_name,
                 "dim": encoder.dim, "max_input_tokens": max_tokens, "queued_inputs": batcher.queued if batcher else 0,
-                "forward_passes": batcher.batches if batcher else 0}
+                "forward_passes": batcher.batches if batcher else 0, "prompts": list(cfg.prompts),
+                "default_instruction": cfg.instruction is not None}
 
     card = {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "l2v"}
 
@@ -419,7 +474,7 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
         authorize(request)
         body = await read_body(request)
         req = parse_request(body, cfg, encoder.dim)
-        items = await run_in_threadpool(tokenize, req["texts"])
+        items = await run_in_threadpool(tokenize, req["texts"], req["instruction"])
         batcher: MicroBatcher | None = state.get("batcher")
         if batcher is None:
             if state.get("stopping"):
@@ -432,7 +487,7 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
         except Exception as exc:  # a model failure: report it, keep serving
             raise APIError(500, f"encoding failed: {type(exc).__name__}: {exc}"[:500], type_="server_error") from exc
         data = format_embeddings(vectors, req["encoding_format"], req["dimensions"], cfg.normalize)
-        n_tokens = sum(len(t.ids) for t in items)
+        n_tokens = sum(len(t.ids) for t in items)  # what the model ran: special tokens and instruction included
         # A JSONResponse, not a dict: FastAPI would first walk every float through jsonable_encoder in Python
         # (about as long again as json.dumps), on the event loop that every other request waits on.
         return JSONResponse({"object": "list", "model": cfg.model_name,

@@ -22,6 +22,9 @@ from l2v.serve import ServeConfig, create_app, free_port, running_server
 
 KEY = "s3cret-key"
 NAME = "tiny-l2v"
+QUERY = "Represent this sentence:"
+OTHER = "Find the answer:"  # as many tokens as QUERY (the one-forward-pass test needs it)
+PROMPTS = {"query": QUERY, "document": ""}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def encoder(tiny_dir) -> Encoder:
 @pytest.fixture(scope="module")
 def server(encoder):
     cfg = ServeConfig(model_name=NAME, api_key=KEY, max_body_bytes=20_000, max_inputs=8, max_input_tokens=32,
-                      batch_wait_ms=30)
+                      batch_wait_ms=30, prompts=PROMPTS)
     app = create_app(encoder, cfg)
     with running_server(app) as url:
         yield url, app
@@ -92,6 +95,7 @@ def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == [NAME]
     health = httpx.get(server[0] + "/health").json()
     assert health["status"] == "ok" and health["dim"] == 32 and health["max_input_tokens"] == 32
+    assert health["prompts"] == ["query", "document"] and health["default_instruction"] is False
 
 
 def test_wrong_or_missing_key(server):
@@ -139,6 +143,20 @@ def test_wrong_or_missing_key(server):
     (json.dumps({"input": "word " * 200}).encode(), 413, "max_input_tokens=32"),
     (json.dumps({"input": ["ok", "word " * 200]}).encode(), 413, "input[1] is longer than max_input_tokens"),
     (json.dumps({"input": "x" * 30_000}).encode(), 413, "max_body_bytes=20000"),
+    (b'{"input": "a", "prompt_name": "passage"}', 400, "unknown prompt_name 'passage'; this server's prompts: "
+                                                       "'query', 'document'"),
+    (b'{"input": "a", "prompt_name": ""}', 400, "unknown prompt_name ''"),
+    (b'{"input": "a", "prompt_name": 3}', 400, "prompt_name must be a string, got a number"),
+    (b'{"input": "a", "prompt_name": ["query"]}', 400, "prompt_name must be a string, got an array"),
+    (b'{"input": "a", "instruction": 3}', 400, "instruction must be a string, got a number"),
+    (b'{"input": "a", "instruction": {"a": 1}}', 400, "instruction must be a string, got an object"),
+    (b'{"input": "a", "instruction": "\\ud800x"}', 400, "instruction is not valid Unicode"),
+    (b'{"input": "a", "prompt_name": "query", "instruction": "x"}', 400, "not both"),
+    (json.dumps({"input": "a", "instruction": "word " * 100}).encode(), 400, "leaving no room for text"),
+    # fits max_input_tokens=32 alone, not max_length=64 with the instruction
+    (json.dumps({"input": "y" * 30, "instruction": "z" * 40}).encode(), 413, "does not fit in max_length=64"),
+    (json.dumps({"input": "word " * 200, "prompt_name": "query"}).encode(), 413, "max_input_tokens=32"),
+    (b'{"input": [1, 2, 3], "prompt_name": "query"}', 400, "token-id"),  # ids are refused with or without one
 ])
 def test_bad_requests_are_named(server, body, status, needle):
     r = post(server[0], body)
@@ -424,3 +442,97 @@ def test_request_after_batcher_stop_is_503_not_500(encoder):
         r = httpx.post(url + "/v1/embeddings", json={"input": "hi"}, timeout=30)
     assert r.status_code == 503, r.text
     assert "shutting down" in r.json()["error"]["message"] and r.json()["error"]["type"] == "server_error"
+
+
+# ------------------------------------------------------------------------------------------ instructions
+def test_prompt_name_and_instruction_match_encode(client, encoder):
+    """``prompt_name`` (openai SDK: extra_body) and ``instruction`` embed like ``Encoder.encode(instruction=...)``;
+    usage counts the tokens the model ran, the instruction's included."""
+    texts = ["how much protein should I eat", "a"]
+    plain = encoder.encode(texts, normalize=True)
+    for extra, instruction in [({"prompt_name": "query"}, QUERY), ({"instruction": OTHER}, OTHER),
+                               ({"prompt_name": "document"}, None), ({"instruction": ""}, None),
+                               ({"prompt_name": None, "instruction": None}, None)]:
+        res = client.embeddings.create(model=NAME, input=texts, encoding_format="float", extra_body=extra)
+        got = np.array([d.embedding for d in res.data])
+        np.testing.assert_allclose(got, encoder.encode(texts, instruction=instruction, normalize=True), atol=1e-5)
+        if instruction is not None:
+            assert np.abs(got - plain).max() > 1e-3, extra  # the instruction did change the vectors
+        n_tokens = sum(len(encoder.tokenize_one(t, instruction).ids) for t in texts)
+        assert res.usage.prompt_tokens == n_tokens == res.usage.total_tokens, extra
+
+
+def test_default_instruction_and_what_overrides_it(encoder):
+    """``ServeConfig.instruction`` applies to requests that choose none; a request's prompt_name or instruction
+    replaces it, and an empty one (``"instruction": ""`` or a prompt with empty text) means none."""
+    app = create_app(encoder, ServeConfig(model_name=NAME, batch_wait_ms=1, instruction=OTHER, prompts=PROMPTS))
+    text = "protein intake for athletes"
+    with running_server(app) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        for extra, instruction in [({}, OTHER), ({"prompt_name": "query"}, QUERY), ({"instruction": QUERY}, QUERY),
+                                   ({"instruction": ""}, None), ({"prompt_name": "document"}, None)]:
+            res = c.embeddings.create(model=NAME, input=text, encoding_format="float", extra_body=extra)
+            np.testing.assert_allclose(res.data[0].embedding, encoder.encode(text, instruction=instruction,
+                                                                             normalize=True), atol=1e-5)
+        assert httpx.get(url + "/health").json()["default_instruction"] is True
+
+
+def test_requests_with_different_instructions_share_a_forward_pass(encoder):
+    """Two concurrent requests, same text, different instructions, batched into one forward pass: each gets its
+    own instruction's vector (the instruction travels with each input's tokens, not with the batch)."""
+    text = "shared text here"
+    a, b = encoder.tokenize_one(text, QUERY), encoder.tokenize_one(text, OTHER)
+    assert len(a.ids) == len(b.ids)  # so the budget below closes the batch at both requests, in one pass
+    # max_batch_tokens = both requests: the batcher stops waiting (10 s) as soon as the second arrives
+    app = create_app(encoder, ServeConfig(model_name=NAME, batch_wait_ms=10_000, max_batch_tokens=2 * len(a.ids),
+                                          prompts=PROMPTS))
+    results: dict[str, np.ndarray] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def one(key: str, extra: dict) -> None:
+        try:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+            barrier.wait()
+            res = c.embeddings.create(model=NAME, input=text, encoding_format="float", extra_body=extra)
+            results[key] = np.array(res.data[0].embedding)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    with running_server(app) as url:
+        batcher = app.state.l2v["batcher"]
+        threads = [threading.Thread(target=one, args=("query", {"prompt_name": "query"})),
+                   threading.Thread(target=one, args=("other", {"instruction": OTHER}))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert batcher.batches == 1 and batcher.inputs == 2  # one forward pass held both
+    np.testing.assert_allclose(results["query"], encoder.encode(text, instruction=QUERY, normalize=True), atol=1e-5)
+    np.testing.assert_allclose(results["other"], encoder.encode(text, instruction=OTHER, normalize=True), atol=1e-5)
+    assert np.abs(results["query"] - results["other"]).max() > 1e-3
+
+
+def test_prompt_name_without_configured_prompts_says_how_to_add_them():
+    from l2v.serve import APIError, parse_request
+
+    with pytest.raises(APIError, match=r"unknown prompt_name 'query'; this server's prompts: none \(start it with "
+                                       r"--prompt NAME=TEXT") as info:
+        parse_request(b'{"input": "a", "prompt_name": "query"}', ServeConfig(), 32)
+    assert info.value.status == 400 and info.value.param == "prompt_name"
+
+
+def test_configured_instructions_are_checked(encoder):
+    with pytest.raises(ValueError, match="instruction must be a non-empty string"):
+        ServeConfig(instruction="")
+    with pytest.raises(ValueError, match="prompts: expected a non-empty name"):
+        ServeConfig(prompts={"": "x"})
+    with pytest.raises(ValueError, match="prompts: expected a non-empty name"):
+        ServeConfig(prompts={"q": None})
+    # one that leaves no room for text within max_length fails at startup, not on every request that uses it
+    with pytest.raises(ValueError, match="prompt 'long': instruction is .* leaving no room"):
+        create_app(encoder, ServeConfig(prompts={"long": "word " * 100}))
+    with pytest.raises(ValueError, match="--instruction: instruction is .* leaving no room"):
+        create_app(encoder, ServeConfig(instruction="word " * 100))
+
