@@ -536,3 +536,27 @@ def test_configured_instructions_are_checked(encoder):
     with pytest.raises(ValueError, match="--instruction: instruction is .* leaving no room"):
         create_app(encoder, ServeConfig(instruction="word " * 100))
 
+
+def test_cli_serve_instruction_and_prompts(monkeypatch, capsys):
+    from l2v.cli import main
+
+    seen = {}
+    monkeypatch.setattr("l2v.commands.serve.load_from_args", lambda args: type("E", (), {"dim": 8, "device": "cpu"}))
+    monkeypatch.setattr("l2v.serve.serve", lambda encoder, config, **kw: seen.setdefault("config", config))
+    assert main(["serve", "--instruction", "Given a query:", "--prompt", "query=Given a web search query: ",
+                 "--prompt", "document=", "--prompt", "qa=a=b"]) == 0
+    cfg = seen["config"]
+    assert cfg.instruction == "Given a query:"
+    assert cfg.prompts == {"query": "Given a web search query: ", "document": "", "qa": "a=b"}
+    assert "prompts: query, document, qa" in capsys.readouterr().err
+    monkeypatch.setattr("l2v.commands.serve.load_from_args", lambda args: pytest.fail("model loaded"))
+    for argv, message in [(["--prompt", "query"], "argument --prompt: expected NAME=TEXT, got 'query'"),
+                          (["--prompt", "=x"], "expected NAME=TEXT"),
+                          (["--prompt", "q=a", "--prompt", "q=b"], "--prompt q=... is given twice"),
+                          (["--instruction", ""], "--instruction is empty")]:
+        try:
+            code = main(["serve", *argv])
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code
+        assert code == 2, argv
+        assert message in capsys.readouterr().err, argv

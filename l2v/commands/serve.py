@@ -8,8 +8,24 @@ import sys
 from .inference import add_model_args, int_in, load_from_args
 
 
+def prompt_arg(text: str) -> tuple[str, str]:
+    """argparse type for ``--prompt NAME=TEXT`` (TEXT may be empty: the name then selects no instruction)."""
+    name, sep, instruction = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=TEXT, got {text!r}")
+    return name.strip(), instruction
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..serve import ServeConfig, api_key_from_env, is_loopback, serve
+
+    prompts: dict[str, str] = {}
+    for name, text in args.prompt:
+        if name in prompts:
+            raise ValueError(f"--prompt {name}=... is given twice.")
+        prompts[name] = text
+    if args.instruction == "":
+        raise ValueError("--instruction is empty; leave it out for no default instruction.")
 
     api_key = args.api_key or api_key_from_env()
     if not is_loopback(args.host):
@@ -19,10 +35,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_body_bytes=args.max_body_bytes, max_inputs=args.max_inputs,
                          max_input_tokens=args.max_input_tokens, max_batch_tokens=args.max_batch_tokens,
                          max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                         normalize=not args.no_normalize)
+                         normalize=not args.no_normalize, instruction=args.instruction, prompts=prompts)
     encoder = load_from_args(args)
     print(f"l2v serve: {config.model_name} (dim {encoder.dim}, {encoder.device}) on http://{args.host}:{args.port}"
-          f"/v1/embeddings{' (API key required)' if api_key else ''}", file=sys.stderr)
+          f"/v1/embeddings{' (API key required)' if api_key else ''}"
+          + (f"; prompts: {', '.join(prompts)}" if prompts else "")
+          + ("; default instruction set" if args.instruction else ""), file=sys.stderr)
     serve(encoder, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -70,6 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long the batcher collects concurrent requests before a forward pass")
     p.add_argument("--no-normalize", action="store_true", help="return raw (not unit-length) embeddings")
+    p.add_argument("--instruction", default=None, metavar="TEXT",
+                   help="instruction for requests that choose none (LLM2Vec: the query instruction); a request's "
+                        "'prompt_name' or 'instruction' field replaces it ('instruction': '' for none)")
+    p.add_argument("--prompt", action="append", type=prompt_arg, default=[], metavar="NAME=TEXT",
+                   help="a named instruction that requests choose with the body field 'prompt_name': NAME "
+                        "(repeatable; an empty TEXT names no instruction, e.g. --prompt document=)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
