@@ -223,3 +223,75 @@ def test_resume_of_an_outdir_without_input_checksum_warns_and_records_it(setup, 
     src.write_bytes(corpus.read_bytes().replace(b'"doc60"', b'"doc6x"', 1))
     with pytest.raises(CorpusError, match="changed since"):
         encode_corpus(enc, _job(src, out), progress=False)
+
+
+def test_scan_input_counts_and_hashes_like_separate_reads(monkeypatch, tmp_path):
+    """The one-read scan gives the SHA-256 of the bytes and iter_rows' non-blank lines, whatever the chunking cuts
+    (inside a line, between \\r and \\n, inside a run of blank lines)."""
+    import hashlib
+
+    from l2v import corpus_encode
+    from l2v.io import iter_lines
+
+    src = tmp_path / "t.txt"
+    data = (b"one\r\ntwo\rthree\n\n  \t\n\r\n\x0c\nfour  \n" + b"y" * 40 + b"\n \n\r\rlast")
+    for body in (data, data + b"\n", data + b"\n  ", b"", b"\n\n", b"x", b" \r\n"):
+        src.write_bytes(body)
+        want = sum(1 for _, line in iter_lines(src) if line.strip())
+        for chunk in (1, 2, 3, 7, 1 << 20):
+            monkeypatch.setattr(corpus_encode, "SCAN_CHUNK", chunk)
+            fp, lines = corpus_encode.scan_input(src)
+            assert lines == want, (body, chunk)
+            assert fp == {"input_bytes": len(body), "input_sha256": hashlib.sha256(body).hexdigest()}
+
+
+def test_a_run_reads_its_input_twice(setup, tmp_path, monkeypatch):
+    """A multi-GB corpus costs a disk read per pass: one for the checksum and line count, one for the rows (the
+    hash and the count each read the whole file apart, three passes). A resume reads it as often."""
+    import builtins
+    import io
+
+    d, model, corpus, enc = setup
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(corpus.read_bytes() * 40)  # ~200 kB: buffered reads of a few kB are small next to it
+    size = src.stat().st_size
+    read = [0]
+
+    class Counting(io.RawIOBase):
+        def __init__(self, path):
+            self.f = io.FileIO(path, "r")
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            n = self.f.readinto(b)
+            read[0] += n or 0
+            return n
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    real_open = builtins.open
+
+    def counting_open(file, mode="r", *args, **kw):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == src and "r" in mode:
+            buf = io.BufferedReader(Counting(file))
+            return buf if "b" in mode else io.TextIOWrapper(buf, **{k: kw[k] for k in ("encoding", "newline")
+                                                                     if k in kw})
+        return real_open(file, mode, *args, **kw)
+
+    class Stub:  # the passes, not the model, are under test
+        dim = 4
+
+        def encode(self, texts, **kw):
+            return np.zeros((len(texts), 4), np.float32)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    for run in ("fresh", "resume"):
+        read[0] = 0
+        summary = encode_corpus(Stub(), _job(src, tmp_path / "o", shard_size=500, model_info={"model": "stub"}),
+                                progress=False)
+        assert summary["rows_total"] == N * 40 and summary["complete"]
+        assert 2 * size <= read[0] < 2 * size + 64 * 1024, (run, read[0] / size)
