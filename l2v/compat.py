@@ -45,13 +45,25 @@ _TO_OFFICIAL = {"mean": "mean", "weighted_mean": "weighted_mean", "eos": "eos_to
 class LLM2Vec:
     """The official ``LLM2Vec`` call shapes on top of an :class:`~l2v.Encoder`."""
 
-    def __init__(self, encoder: Encoder, doc_max_length: int = 400, skip_instruction: bool = True) -> None:
+    def __init__(self, encoder: Encoder, doc_max_length: int = 400, skip_instruction: bool = True,
+                 pooling_mode: str | None = None) -> None:
+        """``pooling_mode``: the official name when the encoder's own differs in meaning: "last_token" pools the
+        text's last token as upstream does, where l2v's ``last_token`` appends an EOS token first (upstream's
+        "eos_token")."""
         if not skip_instruction:
             raise ValueError("skip_instruction=False (pooling over the instruction tokens) is not supported by "
                              "l2v; instructions are always excluded from pooling.")
         self.encoder = encoder
         self.doc_max_length = doc_max_length
         self.skip_instruction = skip_instruction
+        if pooling_mode == "last_token" and encoder.pooling in ("last_token", "eos"):
+            # Upstream appends nothing for last_token: pool what the tokenizer itself ends the text with.
+            encoder.pooling = "mean"  # the setter recomputes the special tokens: the tokenizer's own
+            suffix = encoder._suffix
+            encoder.pooling = "last_token"
+            encoder._suffix = suffix
+        self._appends_eos = encoder.pooling in ("last_token", "eos") and encoder._suffix[-1:] == [
+            encoder.tokenizer.eos_token_id] and pooling_mode != "last_token"
 
     # Attributes official users reach for.
     @property
@@ -64,6 +76,8 @@ class LLM2Vec:
 
     @property
     def pooling_mode(self) -> str:
+        if self.encoder.pooling in ("last_token", "eos"):  # l2v's both append EOS, upstream's last_token does not
+            return "eos_token" if self._appends_eos else "last_token"
         return _TO_OFFICIAL[self.encoder.pooling]
 
     @property
@@ -118,7 +132,8 @@ class LLM2Vec:
         return cls(encoder,
                    doc_max_length=doc_max_length or official.get("doc_max_length", 400),
                    skip_instruction=skip_instruction if skip_instruction is not None
-                   else official.get("skip_instruction", True))
+                   else official.get("skip_instruction", True),
+                   pooling_mode=pooling_mode or official.get("pooling_mode"))
 
     # ------------------------------------------------------------------------------------------ encode
     def _as_joined(self, instruction: str, text: str) -> tuple[str, str]:

@@ -167,3 +167,35 @@ def test_supervised_adapter_alone_follows_the_chain(layout, tmp_path):
     enc = Encoder.from_pretrained(str(chained), dtype="float32", device="cpu")
     assert enc.pooling == "weighted_mean" and enc.max_length == 48
     np.testing.assert_allclose(enc.encode(TEXTS), reference(layout).encode(TEXTS), atol=1e-5)
+
+
+def test_last_token_pools_the_texts_last_token_like_upstream(layout, tmp_path):
+    """Upstream's last_token pools the text's last token and its eos_token appends EOS first; l2v's last_token
+    appends EOS, so pooling_mode="last_token" through the shim pooled an extra token (cos ~0.2 to upstream)."""
+    ref = reference(layout)
+    tok = ref.tokenizer
+
+    def last_state(text: str) -> np.ndarray:  # upstream: the final hidden state of the tokenised input
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            return ref.model(input_ids=ids).last_hidden_state[0, -1].numpy()
+
+    model = LLM2Vec.from_pretrained(str(layout / "mntp"), peft_model_name_or_path=str(layout / "sup"),
+                                    pooling_mode="last_token", torch_dtype=torch.float32, device_map="cpu")
+    assert model.pooling_mode == "last_token"
+    out = model.encode([TEXTS[2], ["Retrieve passages:", TEXTS[0]]], show_progress_bar=False).numpy()
+    np.testing.assert_allclose(out, [last_state(TEXTS[2]), last_state(f"Retrieve passages: {TEXTS[0]}")],
+                               atol=1e-5)
+    # eos_token: EOS appended and pooled (l2v's own last-token pooling)
+    eos = LLM2Vec.from_pretrained(str(layout / "mntp"), peft_model_name_or_path=str(layout / "sup"),
+                                  pooling_mode="eos_token", torch_dtype=torch.float32, device_map="cpu")
+    assert eos.pooling_mode == "eos_token"
+    np.testing.assert_allclose(eos.encode(TEXTS[:1], show_progress_bar=False).numpy()[0],
+                               last_state(TEXTS[0] + tok.eos_token), atol=1e-5)
+    # save() records which one it is, so the reload pools the same token
+    for m, name in ((model, "lt"), (eos, "eos")):
+        m.save(tmp_path / name)
+        again = LLM2Vec.from_pretrained(str(tmp_path / name), torch_dtype=torch.float32, device_map="cpu")
+        assert again.pooling_mode == m.pooling_mode
+        np.testing.assert_allclose(again.encode(TEXTS, show_progress_bar=False).numpy(),
+                                   m.encode(TEXTS, show_progress_bar=False).numpy(), atol=1e-5)
