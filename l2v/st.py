@@ -78,6 +78,12 @@ def write_sentence_transformers_files(encoder: Encoder, directory: str | os.Path
         "processor_kwargs": {"model_max_length": encoder.max_length, "padding_side": "right",
                              "truncation_side": "right"},
     }
+    tok = encoder.tokenizer
+    if tok.pad_token is None and (tok.eos_token or tok.unk_token):
+        # Llama-3, Mistral: no pad token, and sentence-transformers pads every batch of 2+ texts ("Asking to pad
+        # but the tokenizer does not have a padding token"); l2v pads with EOS too. Padding is masked, so the
+        # token does not change a vector; the saved tokenizer stays as it was for l2v.
+        bert_cfg["processor_kwargs"]["pad_token"] = tok.eos_token or tok.unk_token
     if encoder.bidirectional:
         bert_cfg["model_kwargs"] = {"attn_implementation": "eager"}
         # AutoConfig ignores unknown keyword overrides, so the flag must live in config.json itself; with eager

@@ -117,3 +117,23 @@ def test_last_token_without_eos_is_exact(base, tmp_path):
         out = export(enc, tmp_path / "exp")
     st = SentenceTransformer(str(out), device="cpu")
     assert cos(st.encode(TEXTS, batch_size=4), enc.encode(TEXTS)).min() >= 0.9999
+
+
+def test_tokenizer_without_pad_token(base, tmp_path):
+    """Llama-3 and Mistral tokenizers have no pad token: sentence-transformers failed on any batch of two texts
+    ("Asking to pad but the tokenizer does not have a padding token"). The export names EOS for it, as l2v pads."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "no-pad"
+    shutil.copytree(base, folder)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = None
+    tok.save_pretrained(folder)
+    enc = Encoder.from_pretrained(str(folder), dtype="float32", device="cpu", max_length=24)
+    assert enc.tokenizer.pad_token is None
+    out = export(enc, tmp_path / "exp")
+    st = SentenceTransformer(str(out), device="cpu")
+    assert cos(st.encode(TEXTS, batch_size=4), enc.encode(TEXTS)).min() >= 0.9999
+    assert AutoTokenizer.from_pretrained(out).pad_token is None  # l2v's own reload is unchanged
