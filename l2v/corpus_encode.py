@@ -132,6 +132,11 @@ def shard_name(k: int) -> str:
     return f"shard-{k:06d}"
 
 
+def is_jsonl_path(path: Path) -> bool:
+    """Whether ``path`` is read as jsonl objects (else as one text per line)."""
+    return path.suffix in (".jsonl", ".ndjson")
+
+
 def iter_rows(path: str | os.PathLike, field: str = "text", id_field: str | None = "id",
               skip_bad_lines: bool = False, skipped: list[str] | None = None) -> Iterator[tuple[Any, str]]:
     """Yield ``(id, text)`` for each non-blank line: jsonl objects (``field``, ``id_field``) or plain text lines.
@@ -139,7 +144,7 @@ def iter_rows(path: str | os.PathLike, field: str = "text", id_field: str | None
     A row's id is its ``id_field`` value when given (string or integer), else its 1-based line number.
     """
     path = Path(path)
-    is_jsonl = path.suffix in (".jsonl", ".ndjson")
+    is_jsonl = is_jsonl_path(path)
     for lineno, text in iter_lines(path, CorpusError):
         if not text.strip():
             continue
@@ -215,12 +220,17 @@ def prepare_outdir(job: CorpusJob, log: Callable[[str], None] = _stderr_log,
         old = json.loads(manifest.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CorpusError(f"{manifest}: not valid JSON ({exc.msg}); delete OUTDIR to start over.") from exc
-    diff = [k for k in sorted(set(old) | set(settings)) if k not in INPUT_KEYS and old.get(k) != settings.get(k)]
+    legacy = "input_sha256" not in old
+    # With a checksum the path only names the contents: a moved corpus, or another mount of it on another node,
+    # resumes when it is read the same way (its suffix picks jsonl or text) and the checksum matches below.
+    moved = (not legacy and isinstance(old.get("input"), str) and old["input"] != settings["input"]
+             and is_jsonl_path(Path(old["input"])) == is_jsonl_path(Path(settings["input"])))
+    diff = [k for k in sorted(set(old) | set(settings))
+            if k not in INPUT_KEYS and old.get(k) != settings.get(k) and not (k == "input" and moved)]
     if diff:
         detail = "; ".join(f"{k}: was {old.get(k)!r}, now {settings.get(k)!r}" for k in diff[:4])
         raise CorpusError(f"{out}: holds an encoding made with other settings ({detail}). Resume with the "
                           "same settings, or use a new OUTDIR.")
-    legacy = "input_sha256" not in old
     changed = [k for k in INPUT_KEYS if k in old and old[k] != settings[k]]
     if changed:
         what = (f"size was {old['input_bytes']} bytes, now {settings['input_bytes']}" if "input_bytes" in changed
@@ -231,6 +241,8 @@ def prepare_outdir(job: CorpusJob, log: Callable[[str], None] = _stderr_log,
                           "hold rows of the old contents, and resuming would mix them with the new ones: "
                           "restore the original file to resume, or encode this one into a new OUTDIR (or delete "
                           f"{out}).")
+    if moved:
+        log(f"{job.input}: the same contents (SHA-256) as {old['input']}, which {out} was started from: resuming.")
     if legacy:
         log(f"warning: {manifest} (written by an older l2v) has no checksum of the input, so l2v cannot check "
             f"that {job.input} is unchanged since its shards were encoded (the size matches). Recording the "

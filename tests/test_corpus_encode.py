@@ -295,3 +295,27 @@ def test_a_run_reads_its_input_twice(setup, tmp_path, monkeypatch):
                                 progress=False)
         assert summary["rows_total"] == N * 40 and summary["complete"]
         assert 2 * size <= read[0] < 2 * size + 64 * 1024, (run, read[0] / size)
+
+
+def test_a_moved_input_with_the_same_contents_resumes(setup, tmp_path):
+    """The manifest's checksum proves the contents, so a corpus moved (or mounted elsewhere on another node) after
+    an interruption resumes; it was refused ("input: was ..., now ...") and the finished shards were stranded. A
+    rename that changes how it is read (.jsonl -> .txt) is still refused."""
+    d, model, corpus, enc = setup
+    first, moved = tmp_path / "a" / "c.jsonl", tmp_path / "b" / "c.jsonl"
+    first.parent.mkdir()
+    first.write_bytes(corpus.read_bytes())
+    out = tmp_path / "o"
+    assert encode_corpus(enc, _job(first, out, max_shards=2), progress=False)["shards_encoded"] == 2
+    moved.parent.mkdir()
+    first.rename(moved)
+    notes: list[str] = []
+    s = encode_corpus(enc, _job(moved, out), progress=False, log=notes.append)
+    assert s["complete"] and s["shards_encoded"] == SHARDS - 2
+    assert any("same contents" in n for n in notes), notes
+    ids, _ = load_corpus_embeddings(out)
+    assert ids == [f"doc{i}" for i in range(N)]
+    as_text = tmp_path / "b" / "c.txt"
+    moved.rename(as_text)
+    with pytest.raises(CorpusError, match="other settings.*input: was"):
+        encode_corpus(enc, _job(as_text, out), progress=False)
