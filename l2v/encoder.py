@@ -411,8 +411,15 @@ class Encoder(nn.Module):
                 return int(candidate)
         return self._pad_id
 
-    def tokenize_one(self, text: str, instruction: str | None = None) -> Tokenized:
-        """Token ids of ``[specials] instruction text [specials]`` and where the text's tokens are."""
+    def tokenize_one(self, text: str, instruction: str | None = None, max_text_tokens: int | None = None,
+                     truncation_side: Literal["right", "left"] = "right") -> Tokenized:
+        """Token ids of ``[specials] instruction text [specials]`` and where the text's tokens are.
+
+        A text beyond ``max_length`` (or ``max_text_tokens``, a tighter cap such as a server's) loses its end, or
+        its beginning with ``truncation_side="left"``; the instruction and special tokens are always kept.
+        """
+        if truncation_side not in ("right", "left"):
+            raise ValueError(f"truncation_side must be 'right' or 'left', got {truncation_side!r}.")
         tok = self.tokenizer
         instr_ids = tok(instruction, add_special_tokens=False)["input_ids"] if instruction else []
         text_ids = tok(text, add_special_tokens=False)["input_ids"] if text else []
@@ -422,8 +429,13 @@ class Encoder(nn.Module):
                 f"instruction is {len(instr_ids)} tokens, leaving no room for text within max_length="
                 f"{self.max_length}: {instruction[:60]!r}"
             )
+        if max_text_tokens is not None:
+            if max_text_tokens < 1:
+                raise ValueError(f"max_text_tokens must be a positive integer, got {max_text_tokens!r}.")
+            budget = min(budget, max_text_tokens)
         truncated = len(text_ids) > budget
-        text_ids = text_ids[:budget]
+        if truncated:
+            text_ids = text_ids[-budget:] if truncation_side == "left" else text_ids[:budget]
         start = len(self._prefix) + len(instr_ids)
         ids = self._prefix + instr_ids + text_ids + self._suffix
         end = start + len(text_ids)

@@ -240,6 +240,25 @@ def test_overlong_texts_truncated_with_one_warning():
     assert np.isfinite(out).all()
 
 
+def test_tokenize_one_text_cap_and_left_truncation():
+    """``max_text_tokens`` caps the text below max_length and ``truncation_side="left"`` keeps its end; the
+    instruction is kept whole either way (a server's truncate=true / truncation_direction)."""
+    enc = tiny_encoder(max_length=64)
+    text, instr = "The quick brown fox jumps over the lazy dog. " * 5, "Represent this sentence:"
+    ids = enc.tokenizer(text, add_special_tokens=False)["input_ids"]
+    full = enc.tokenize_one(text, instr)
+    for side, kept in [("right", ids[:10]), ("left", ids[-10:])]:
+        item = enc.tokenize_one(text, instr, max_text_tokens=10, truncation_side=side)
+        assert item.truncated and item.ids[item.start:item.end] == kept
+        assert item.ids[:item.start] == full.ids[:full.start]  # specials and instruction untouched
+    short = enc.tokenize_one("cats", max_text_tokens=10, truncation_side="left")
+    assert not short.truncated and short.ids == enc.tokenize_one("cats").ids
+    with pytest.raises(ValueError, match="truncation_side"):
+        enc.tokenize_one("cats", truncation_side="middle")
+    with pytest.raises(ValueError, match="max_text_tokens"):
+        enc.tokenize_one("cats", max_text_tokens=0)
+
+
 def test_instruction_longer_than_max_length_is_an_error():
     enc = tiny_encoder(max_length=8)
     with pytest.raises(ValueError, match="instruction"):
