@@ -1,4 +1,5 @@
-"""An OpenAI-compatible embedding server: ``POST /v1/embeddings``, ``GET /v1/models[/{id}]``, ``GET /health``.
+"""An OpenAI-compatible embedding server: ``POST /v1/embeddings``, ``GET /v1/models[/{id}]``, ``GET /health``;
+and Hugging Face text-embeddings-inference's (TEI) ``POST /embed``, ``POST /`` and ``GET /info``.
 
 Requests are tokenised in the request handler (so per-input limits are answered at once) and handed to one
 :class:`MicroBatcher` thread that owns the model: it collects work from concurrent requests for up to
@@ -13,7 +14,10 @@ pooled; ``usage.prompt_tokens`` counts every token the model ran (special tokens
 
 Errors use the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` and OpenAI's status for an invalid
 request, 400 (the openai client's ``BadRequestError``); a limit that is exceeded is a 413 named in the message
-(``max_body_bytes``, ``max_inputs``, ``max_input_tokens``).
+(``max_body_bytes``, ``max_inputs``, ``max_input_tokens``). The TEI routes answer the same errors in TEI's shape
+and statuses, ``{"error": "...", "error_type": "Validation"}`` (see :func:`tei_error`), so TEI clients
+(huggingface_hub's ``InferenceClient.feature_extraction``, LangChain's ``HuggingFaceEndpointEmbeddings``) work
+unchanged; both APIs share the auth, limits, tokenisation and micro-batcher.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from . import __version__
 from .encoder import Encoder, Tokenized
 
 API_KEY_ENV = "L2V_API_KEY"
@@ -94,6 +99,29 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def tei_error(exc: APIError) -> tuple[int, dict[str, str]]:
+    """TEI's status and body for an error: ``ErrorType`` and its status as TEI's router maps them (Empty 400,
+    Validation 422, Overloaded 429, Backend 424, Unhealthy 503), a body over the limit 413 as TEI's body limit.
+    TEI answers a bad API key with a bare 401; here it keeps its message, with error_type "Unauthorized"."""
+    if exc.status == 401:
+        status, kind = 401, "Unauthorized"
+    elif exc.code == "overloaded":
+        status, kind = 429, "Overloaded"
+    elif exc.code in ("shutting_down", "starting"):
+        status, kind = 503, "Unhealthy"
+    elif exc.status >= 500:  # the model failed (non-finite output, an exception in the forward pass)
+        status, kind = 424, "Backend"
+    elif exc.code == "max_body_bytes":
+        status, kind = 413, "Validation"
+    elif exc.code == "empty":
+        status, kind = 400, "Empty"
+    elif exc.status in (404, 405):  # routing: no such path or method
+        status, kind = exc.status, "Validation"
+    else:  # invalid requests and per-request limits (max_inputs, max_input_tokens): TEI's Validation
+        status, kind = 422, "Validation"
+    return status, {"error": exc.message, "error_type": kind}
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -260,8 +288,9 @@ class MicroBatcher:
 def _check_text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise APIError(400, f"{where} must be a string, got {_json_type(value)}.", param=where)
-    if not value:  # as OpenAI refuses it: its vector would be the special tokens', the same for every ""
-        raise APIError(400, f"{where} is an empty string; every input must contain text.", param=where)
+    if not value:  # as OpenAI and TEI refuse it: its vector would be the special tokens', the same for every ""
+        raise APIError(400, f"{where} is an empty string; every input must contain text.", param=where,
+                       code="empty")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -299,8 +328,7 @@ def _json_type(value: Any) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
-    """Validate an embeddings request body into ``texts``, ``instruction``, ``encoding_format``, ``dimensions``."""
+def _load_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and ints past Python's digit limit
@@ -309,34 +337,50 @@ def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
         raise APIError(400, "request body is not valid JSON (nested too deeply).", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {_json_type(data)}.")
-    if "input" not in data:
-        raise APIError(400, "missing required field 'input' (a string or an array of strings).", param="input")
-    raw = data["input"]
+    return data
+
+
+def _parse_texts(data: dict[str, Any], key: str, cfg: ServeConfig, ids_hint: str) -> list[str]:
+    """``data[key]``: a string or a non-empty array of at most ``max_inputs`` strings. Token ids are refused:
+    OpenAI clients send tiktoken ids (OpenAI's vocabulary, meaningless here), and the instruction is tokenised
+    with the text, so ids could not carry one."""
+    if key not in data:
+        raise APIError(400, f"missing required field '{key}' (a string or an array of strings).", param=key)
+    raw = data[key]
     if isinstance(raw, str):
-        texts = [_check_text(raw, "input")]
-    elif isinstance(raw, list):
-        if not raw:
-            raise APIError(400, "input must not be an empty array.", param="input")
-        if len(raw) > cfg.max_inputs:
-            raise APIError(413, f"input has {len(raw)} items; the limit is max_inputs={cfg.max_inputs}.",
-                           param="input", code="max_inputs")
-        if all(isinstance(x, int) and not isinstance(x, bool) for x in raw) or any(isinstance(x, list) for x in raw):
-            # LangChain's OpenAIEmbeddings sends tiktoken ids by default: OpenAI's vocabulary, meaningless here
-            raise APIError(400, "token-id input is not supported; send a string or an array of strings (LangChain: "
-                                "OpenAIEmbeddings(..., check_embedding_ctx_length=False) sends the texts).",
-                           param="input")
-        texts = [_check_text(x, f"input[{i}]") for i, x in enumerate(raw)]
-    else:
-        raise APIError(400, f"input must be a string or an array of strings, got {_json_type(raw)}.",
-                       param="input")
+        return [_check_text(raw, key)]
+    if not isinstance(raw, list):
+        raise APIError(400, f"{key} must be a string or an array of strings, got {_json_type(raw)}.", param=key)
+    if not raw:
+        raise APIError(400, f"{key} must not be an empty array.", param=key, code="empty")
+    if len(raw) > cfg.max_inputs:
+        raise APIError(413, f"{key} has {len(raw)} items; the limit is max_inputs={cfg.max_inputs}.",
+                       param=key, code="max_inputs")
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in raw) or any(isinstance(x, list) for x in raw):
+        raise APIError(400, f"token-id input is not supported; send a string or an array of strings{ids_hint}.",
+                       param=key)
+    return [_check_text(x, f"{key}[{i}]") for i, x in enumerate(raw)]
+
+
+def _parse_dimensions(data: dict[str, Any], dim: int) -> int | None:
+    dims = data.get("dimensions")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= dim):
+        raise APIError(400, f"dimensions must be an integer in [1, {dim}], got {dims!r}.", param="dimensions")
+    return dims
+
+
+def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
+    """Validate an embeddings request body into ``texts``, ``instruction``, ``encoding_format``, ``dimensions``."""
+    data = _load_object(body)
+    # LangChain's OpenAIEmbeddings sends tiktoken ids by default
+    texts = _parse_texts(data, "input", cfg, " (LangChain: OpenAIEmbeddings(..., check_embedding_ctx_length=False) "
+                                             "sends the texts)")
     fmt = data.get("encoding_format", "float")
     if fmt is None:
         fmt = "float"
     if fmt not in ("float", "base64"):
         raise APIError(400, f"encoding_format must be 'float' or 'base64', got {fmt!r}.", param="encoding_format")
-    dims = data.get("dimensions")
-    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= dim):
-        raise APIError(400, f"dimensions must be an integer in [1, {dim}], got {dims!r}.", param="dimensions")
+    dims = _parse_dimensions(data, dim)
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise APIError(400, f"model must be a string, got {_json_type(model)}.", param="model")
@@ -345,6 +389,29 @@ def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
                        param="model", code="model_not_found")
     return {"texts": texts, "instruction": _resolve_instruction(data, cfg), "encoding_format": fmt,
             "dimensions": dims}
+
+
+def parse_tei_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
+    """Validate a TEI ``/embed`` body (``inputs``, ``normalize``, ``truncate``, ``truncation_direction``,
+    ``prompt_name``, ``dimensions``; l2v's ``instruction`` too) into ``texts``, ``instruction``, ``normalize``,
+    ``truncate`` (None: an over-long input is an error; else the side that is cut) and ``dimensions``. Fields
+    TEI does not read are ignored, as TEI does (huggingface_hub may send ``encoding_format``)."""
+    data = _load_object(body)
+    texts = _parse_texts(data, "inputs", cfg, "")
+    flags: dict[str, bool] = {}
+    for name, default in (("normalize", cfg.normalize), ("truncate", False)):
+        value = data.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise APIError(400, f"{name} must be a boolean, got {_json_type(value)}.", param=name)
+        flags[name] = default if value is None else value
+    side = data.get("truncation_direction")
+    if side is None:
+        side = "right"
+    if side not in ("right", "left", "Right", "Left"):  # TEI's spellings
+        raise APIError(400, f"truncation_direction must be 'right' or 'left', got {side!r}.",
+                       param="truncation_direction")
+    return {"texts": texts, "instruction": _resolve_instruction(data, cfg), "normalize": flags["normalize"],
+            "truncate": side.lower() if flags["truncate"] else None, "dimensions": _parse_dimensions(data, dim)}
 
 
 def format_embeddings(vectors: torch.Tensor, fmt: str, dimensions: int | None, normalize: bool) -> list[Any]:
@@ -386,16 +453,23 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
 
     app = FastAPI(title="l2v embeddings", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.l2v = state
+    tei_paths = {"/embed", "/info", "/"}  # their errors take TEI's shape and statuses
+
+    def error_response(request: Request, exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+        if request.url.path in tei_paths:
+            status, body = tei_error(exc)
+            return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return error_response(request, exc)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         """Unknown paths (404) and methods (405) in OpenAI's error shape too, not FastAPI's ``{"detail": ...}``."""
         err = APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+        return error_response(request, err, exc.headers)
 
     def authorize(request: Request) -> None:
         if expected_key is None:
@@ -423,17 +497,24 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
                 raise APIError(413, f"request body exceeds max_body_bytes={limit}.", code="max_body_bytes")
         return bytes(body)
 
-    def tokenize(texts: list[str], instruction: str | None) -> list[Tokenized]:
+    def tokenize(texts: list[str], instruction: str | None, key: str = "input",
+                 truncate: str | None = None) -> list[Tokenized]:
+        """Token ids of each text; one longer than ``max_tokens`` is a 413, or with ``truncate`` ("right",
+        "left": TEI's truncation_direction) loses that side's tokens beyond it."""
         items = []
         with tokenize_lock:
             for i, text in enumerate(texts):
                 try:
+                    if truncate is not None:
+                        items.append(encoder.tokenize_one(text, instruction, max_text_tokens=max_tokens,
+                                                          truncation_side=truncate))
+                        continue
                     item = encoder.tokenize_one(text, instruction)
                 except ValueError as exc:  # a request's instruction that alone fills max_length
                     raise APIError(400, str(exc), param="instruction", code="instruction_too_long") from None
                 n_text = max(item.end - item.start, 0)
                 if item.truncated or n_text > max_tokens:
-                    where = "input" if len(texts) == 1 else f"input[{i}]"
+                    where = key if len(texts) == 1 else f"{key}[{i}]"
                     alone = encoder.tokenize_one(text) if instruction and item.truncated else None
                     if alone is not None and not alone.truncated and alone.end - alone.start <= max_tokens:
                         # within max_input_tokens: the instruction took the room it needed
@@ -445,7 +526,22 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
                 items.append(item)
         return items
 
+    async def encode(items: list[Tokenized]) -> torch.Tensor:
+        """The float32 (n, dim) vectors of ``items``, from the micro-batcher shared by every route."""
+        batcher: MicroBatcher | None = state.get("batcher")
+        if batcher is None:
+            if state.get("stopping"):
+                raise _shutting_down()
+            raise APIError(503, "server is starting; retry.", code="starting", type_="server_error")
+        try:
+            return await batcher.submit(items, asyncio.get_running_loop())
+        except APIError:
+            raise
+        except Exception as exc:  # a model failure: report it, keep serving
+            raise APIError(500, f"encoding failed: {type(exc).__name__}: {exc}"[:500], type_="server_error") from exc
+
     @app.get("/health")
+    @app.get("/")  # TEI's (and the Inference API's) health route
     async def health():
         batcher = state.get("batcher")
         return {"status": "ok" if batcher is not None else "starting", "model": cfg.model_name,
@@ -475,17 +571,7 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
         body = await read_body(request)
         req = parse_request(body, cfg, encoder.dim)
         items = await run_in_threadpool(tokenize, req["texts"], req["instruction"])
-        batcher: MicroBatcher | None = state.get("batcher")
-        if batcher is None:
-            if state.get("stopping"):
-                raise _shutting_down()
-            raise APIError(503, "server is starting; retry.", type_="server_error")
-        try:
-            vectors = await batcher.submit(items, asyncio.get_running_loop())
-        except APIError:
-            raise
-        except Exception as exc:  # a model failure: report it, keep serving
-            raise APIError(500, f"encoding failed: {type(exc).__name__}: {exc}"[:500], type_="server_error") from exc
+        vectors = await encode(items)
         data = format_embeddings(vectors, req["encoding_format"], req["dimensions"], cfg.normalize)
         n_tokens = sum(len(t.ids) for t in items)  # what the model ran: special tokens and instruction included
         # A JSONResponse, not a dict: FastAPI would first walk every float through jsonable_encoder in Python
@@ -493,6 +579,30 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
         return JSONResponse({"object": "list", "model": cfg.model_name,
                              "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
                              "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+
+    # ------------------------------------------------------------------------- text-embeddings-inference
+    @app.post("/embed")
+    @app.post("/")  # TEI's route for an embedding model: huggingface_hub's InferenceClient(url) posts here
+    async def tei_embed(request: Request):
+        """TEI's ``/embed``: one array of floats per input, even for a single string."""
+        authorize(request)
+        body = await read_body(request)
+        req = parse_tei_request(body, cfg, encoder.dim)
+        items = await run_in_threadpool(tokenize, req["texts"], req["instruction"], "inputs", req["truncate"])
+        vectors = await encode(items)
+        return JSONResponse(format_embeddings(vectors, "float", req["dimensions"], req["normalize"]))
+
+    @app.get("/info")
+    async def tei_info(request: Request):
+        """TEI's ``/info``: its fields that have a meaning here, under TEI's names."""
+        authorize(request)
+        return {"model_id": cfg.model_name, "model_sha": None, "model_dtype": str(encoder.dtype).removeprefix("torch."),
+                "served_model_name": cfg.model_name, "model_type": {"embedding": {"pooling": encoder.pooling}},
+                "max_concurrent_requests": cfg.max_queued_inputs,  # TEI's permits are per input too
+                "max_input_length": max_tokens, "max_batch_tokens": cfg.max_batch_tokens,
+                "max_batch_requests": cfg.max_batch_size, "max_client_batch_size": cfg.max_inputs,
+                "auto_truncate": False, "tokenization_workers": 1, "version": __version__, "sha": None,
+                "docker_label": None}
 
     return app
 
