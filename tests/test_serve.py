@@ -560,3 +560,204 @@ def test_cli_serve_instruction_and_prompts(monkeypatch, capsys):
             code = exc.code
         assert code == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+# ------------------------------------------------------------------------------- text-embeddings-inference
+TEI_PATHS = ["/embed", "/"]  # "/" is TEI's route for an embedding model (huggingface_hub's InferenceClient)
+
+
+def tei(url: str, path: str, body, key: str | None = KEY) -> httpx.Response:
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    content = body if isinstance(body, bytes) else json.dumps(body)
+    return httpx.post(url + path, content=content, headers=headers, timeout=30)
+
+
+@pytest.mark.parametrize("path", TEI_PATHS)
+def test_tei_embed_matches_encode(server, encoder, path):
+    """TEI's /embed: an array of float arrays (one per input, a single string too), unit length unless
+    ``normalize: false``, ``dimensions`` cut before normalising, as ``Encoder.encode`` computes them."""
+    texts = ["The quick brown fox", "a", "Machine learning models turn text into vectors."]
+    raw = encoder.encode(texts)
+    for body, expected in [({"inputs": texts}, unit(raw)), ({"inputs": texts, "normalize": True}, unit(raw)),
+                           ({"inputs": texts, "normalize": False}, raw),
+                           ({"inputs": texts[0]}, unit(raw[:1])),
+                           ({"inputs": texts, "dimensions": 8}, unit(raw[:, :8])),
+                           ({"inputs": texts, "dimensions": 8, "normalize": False}, raw[:, :8]),
+                           ({"inputs": texts, "truncate": None, "prompt_name": None, "normalize": None}, unit(raw)),
+                           ({"inputs": texts, "encoding_format": "base64", "model": "x"}, unit(raw))]:  # ignored
+        r = tei(server[0], path, body)
+        assert r.status_code == 200, (body, r.text)
+        got = np.array(r.json(), dtype=np.float32)
+        assert got.shape == expected.shape, body
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=str(body))
+    np.testing.assert_allclose(np.array(tei(server[0], path, {"inputs": texts[:2]}).json()),
+                               encoder.encode(texts[:2], normalize=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("path", TEI_PATHS)
+def test_tei_truncate_and_direction(server, encoder, path):
+    """``truncate: false`` (TEI's default): an input over max_input_tokens is a 422; ``true`` keeps its first
+    max_input_tokens tokens, or its last with ``truncation_direction: "left"``; an instruction is kept whole."""
+    long = "x" * 80 + "y" * 40  # one token per character in the tiny tokenizer: 120 tokens, limit 32
+    ids = encoder.tokenizer(long, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 120 and len(set(ids[:32])) == len(set(ids[-32:])) == 1
+    for body in [{"inputs": long}, {"inputs": long, "truncate": False}]:
+        r = tei(server[0], path, body)
+        assert r.status_code == 422 and r.json() == {"error": "inputs is longer than max_input_tokens=32 tokens.",
+                                                     "error_type": "Validation"}
+    r = tei(server[0], path, {"inputs": ["ok", long]})
+    assert r.status_code == 422 and r.json()["error"].startswith("inputs[1] is longer")
+    for extra, text, instruction in [({}, "x" * 32, None), ({"truncation_direction": "right"}, "x" * 32, None),
+                                     ({"truncation_direction": "Right"}, "x" * 32, None),
+                                     ({"truncation_direction": "left"}, "y" * 32, None),
+                                     ({"truncation_direction": "Left"}, "y" * 32, None),
+                                     ({"truncation_direction": "left", "prompt_name": "query"}, "y" * 32, QUERY)]:
+        r = tei(server[0], path, {"inputs": [long, "short"], "truncate": True, **extra})
+        assert r.status_code == 200, (extra, r.text)
+        np.testing.assert_allclose(np.array(r.json()), encoder.encode([text, "short"], instruction=instruction,
+                                                                      normalize=True), atol=1e-5, err_msg=str(extra))
+
+
+@pytest.mark.parametrize("path", TEI_PATHS)
+def test_tei_prompt_name_and_instruction(server, encoder, path):
+    """``prompt_name`` picks one of the server's prompts as in TEI (and l2v's ``instruction`` field works too)."""
+    texts = ["how much protein should I eat", "a"]
+    plain = encoder.encode(texts, normalize=True)
+    for extra, instruction in [({"prompt_name": "query"}, QUERY), ({"prompt_name": "document"}, None),
+                               ({"instruction": OTHER}, OTHER), ({}, None)]:
+        r = tei(server[0], path, {"inputs": texts, **extra})
+        assert r.status_code == 200, r.text
+        got = np.array(r.json())
+        np.testing.assert_allclose(got, encoder.encode(texts, instruction=instruction, normalize=True), atol=1e-5)
+        if instruction is not None:
+            assert np.abs(got - plain).max() > 1e-3, extra
+
+
+@pytest.mark.parametrize("path", TEI_PATHS)
+@pytest.mark.parametrize("body,status,error_type,needle", [
+    (b"{not json", 422, "Validation", "not valid JSON"),
+    (b"[1, 2]", 422, "Validation", "JSON object"),
+    (b"{}", 422, "Validation", "missing required field 'inputs'"),
+    (b'{"input": "a"}', 422, "Validation", "missing required field 'inputs'"),  # an OpenAI body
+    (b'{"inputs": []}', 400, "Empty", "inputs must not be an empty array"),
+    (b'{"inputs": ""}', 400, "Empty", "inputs is an empty string"),
+    (b'{"inputs": ["ok", ""]}', 400, "Empty", "inputs[1] is an empty string"),
+    (b'{"inputs": 5}', 422, "Validation", "inputs must be a string or an array"),
+    (b'{"inputs": ["ok", 3]}', 422, "Validation", "inputs[1] must be a string"),
+    (b'{"inputs": [1, 2, 3]}', 422, "Validation", "token-id input is not supported"),
+    (b'{"inputs": [[1, 2]]}', 422, "Validation", "token-id input is not supported"),
+    (b'{"inputs": "a", "normalize": "yes"}', 422, "Validation", "normalize must be a boolean"),
+    (b'{"inputs": "a", "truncate": 1}', 422, "Validation", "truncate must be a boolean"),
+    (b'{"inputs": "a", "truncation_direction": "middle"}', 422, "Validation", "truncation_direction"),
+    (b'{"inputs": "a", "dimensions": 0}', 422, "Validation", "dimensions must be an integer in [1, 32]"),
+    (b'{"inputs": "a", "dimensions": 33}', 422, "Validation", "dimensions must be an integer in [1, 32]"),
+    (b'{"inputs": "a", "prompt_name": "passage"}', 422, "Validation", "unknown prompt_name 'passage'"),
+    (json.dumps({"inputs": ["x"] * 9}).encode(), 422, "Validation", "max_inputs=8"),
+    (json.dumps({"inputs": "word " * 200}).encode(), 422, "Validation", "max_input_tokens=32"),
+    (json.dumps({"inputs": "x" * 30_000}).encode(), 413, "Validation", "max_body_bytes=20000"),
+    (json.dumps({"inputs": "a", "instruction": "word " * 100}).encode(), 422, "Validation", "leaving no room"),
+])
+def test_tei_errors_have_tei_shape_and_status(server, path, body, status, error_type, needle):
+    """Errors on TEI routes are TEI's ``{"error", "error_type"}`` with TEI's statuses: Empty 400, Validation 422
+    (limits on inputs included, as TEI's max_client_batch_size), a body over the limit 413."""
+    r = tei(server[0], path, body)
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error", "error_type"} and r.json()["error_type"] == error_type, r.json()
+    assert needle in r.json()["error"], r.json()
+
+
+def test_tei_auth_and_public_routes(server):
+    """/embed, / (POST) and /info need the API key as /v1/embeddings does; GET / is TEI's health route."""
+    url = server[0]
+    for key in (None, "wrong"):
+        for r in [tei(url, "/embed", {"inputs": "hi"}, key=key), tei(url, "/", {"inputs": "hi"}, key=key),
+                  httpx.get(url + "/info", headers={} if key is None else {"authorization": f"Bearer {key}"})]:
+            assert r.status_code == 401, r.text
+            assert r.json() == {"error": "missing or invalid API key (send 'Authorization: Bearer <key>').",
+                                "error_type": "Unauthorized"}
+    r = httpx.get(url + "/")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    r = httpx.get(url + "/embed", headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed: GET /embed", "error_type": "Validation"}
+
+
+def test_tei_info(server, encoder):
+    r = httpx.get(server[0] + "/info", headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    info = r.json()
+    assert info["model_id"] == info["served_model_name"] == NAME
+    assert info["model_dtype"] == "float32" and info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert info["max_input_length"] == 32 and info["max_client_batch_size"] == 8
+    assert info["max_batch_tokens"] == 16384 and info["max_batch_requests"] == 128
+    assert info["auto_truncate"] is False and info["version"] == __import__("l2v").__version__
+
+
+def test_tei_overloaded_backend_and_unhealthy_statuses(tiny_dir):
+    """The batcher's refusals and failures in TEI's terms: a full queue is 429 Overloaded, a non-finite vector
+    (or any model failure) 424 Backend, a stopped server 503 Unhealthy; /v1/embeddings keeps 503/500."""
+    enc = Encoder.from_pretrained(tiny_dir, dtype="float32", device="cpu")
+    forward = enc.forward
+    app = create_app(enc, ServeConfig(model_name=NAME, batch_wait_ms=1, max_queued_inputs=2))
+    with running_server(app) as url:
+        r = tei(url, "/embed", {"inputs": ["a", "b", "c"]}, key=None)
+        assert r.status_code == 429 and r.json()["error_type"] == "Overloaded", r.text
+        assert "max_queued_inputs=2" in r.json()["error"]
+        enc.forward = lambda batch: forward(batch) * float("nan")
+        r = tei(url, "/embed", {"inputs": "a"}, key=None)
+        assert r.status_code == 424 and r.json()["error_type"] == "Backend", r.text
+        assert post(url, json.dumps({"input": "a"}), key=None).status_code == 500
+        enc.forward = forward
+        assert tei(url, "/embed", {"inputs": "a"}, key=None).status_code == 200
+        app.state.l2v["batcher"].stop()
+        r = tei(url, "/", {"inputs": "a"}, key=None)
+        assert r.status_code == 503 and r.json()["error_type"] == "Unhealthy", r.text
+        assert post(url, json.dumps({"input": "a"}), key=None).status_code == 503
+
+
+def test_tei_and_openai_requests_share_a_forward_pass(encoder):
+    """/embed and /v1/embeddings feed the one micro-batcher: concurrent requests on both share a forward pass."""
+    text = "shared text here"
+    n = len(encoder.tokenize_one(text).ids)
+    app = create_app(encoder, ServeConfig(model_name=NAME, batch_wait_ms=10_000, max_batch_tokens=2 * n))
+    results: dict[str, np.ndarray] = {}
+    barrier = threading.Barrier(2)
+
+    def one(key: str) -> None:
+        barrier.wait()
+        if key == "tei":
+            results[key] = np.array(tei(url, "/embed", {"inputs": text, "normalize": False}, key=None).json()[0])
+        else:
+            r = post(url, json.dumps({"input": text, "encoding_format": "float"}), key=None)
+            results[key] = np.array(r.json()["data"][0]["embedding"])
+
+    with running_server(app) as url:
+        threads = [threading.Thread(target=one, args=(k,)) for k in ("tei", "openai")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        batcher = app.state.l2v["batcher"]
+        assert batcher.batches == 1 and batcher.inputs == 2
+    np.testing.assert_allclose(results["tei"], encoder.encode(text), atol=1e-5)
+    np.testing.assert_allclose(results["openai"], encoder.encode(text, normalize=True), atol=1e-5)
+
+
+def test_huggingface_hub_inference_client(server, encoder):
+    """huggingface_hub's ``InferenceClient(base_url).feature_extraction`` (it posts to ``/``) works unchanged."""
+    hf = pytest.importorskip("huggingface_hub")
+    client = hf.InferenceClient(base_url=server[0], api_key=KEY, timeout=30)
+    texts = ["The quick brown fox", "a"]
+    got = client.feature_extraction(texts)
+    assert got.dtype == np.float32 and got.shape == (2, encoder.dim)
+    np.testing.assert_allclose(got, encoder.encode(texts, normalize=True), atol=1e-5)
+    got = client.feature_extraction("x" * 80 + "y" * 40, normalize=False, prompt_name="query", truncate=True,
+                                    truncation_direction="left", dimensions=8)
+    np.testing.assert_allclose(got, encoder.encode(["y" * 32], instruction=QUERY)[:, :8], atol=1e-5)
+    with pytest.raises(hf.errors.HfHubHTTPError, match="max_input_tokens=32") as info:
+        client.feature_extraction("word " * 200)
+    assert info.value.response.status_code == 422
+    with pytest.raises(hf.errors.HfHubHTTPError) as info:
+        hf.InferenceClient(base_url=server[0], api_key="wrong").feature_extraction("hi")
+    assert info.value.response.status_code == 401
