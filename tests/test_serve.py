@@ -223,7 +223,7 @@ def test_concurrent_requests_are_micro_batched(server, encoder):
 
 
 def test_cli_serve_subprocess(tiny_dir):
-    """`l2v serve` binds to 127.0.0.1, answers /health and /v1/embeddings, and stops on SIGTERM."""
+    """`l2v serve` binds to 127.0.0.1, answers /health, /v1/embeddings and TEI's /embed, and stops on SIGTERM."""
     port = free_port()
     env = {**os.environ, "L2V_API_KEY": "env-key", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "l2v", "serve", tiny_dir, "--port", str(port), "--dtype",
@@ -246,6 +246,9 @@ def test_cli_serve_subprocess(tiny_dir):
                        headers={"authorization": "Bearer env-key"}, timeout=30)
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 32
         assert httpx.post(url + "/v1/embeddings", json={"input": "x"}, timeout=30).status_code == 401
+        r = httpx.post(url + "/embed", json={"inputs": "hello"}, headers={"authorization": "Bearer env-key"},
+                       timeout=30)
+        assert r.status_code == 200 and len(r.json()) == 1 and len(r.json()[0]) == 32
     finally:
         proc.terminate()
         proc.wait(30)

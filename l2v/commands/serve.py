@@ -1,4 +1,4 @@
-"""``l2v serve`` (OpenAI-compatible embedding server) and ``l2v export`` (standalone merged model)."""
+"""``l2v serve`` (OpenAI- and TEI-compatible embedding server) and ``l2v export`` (standalone merged model)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          normalize=not args.no_normalize, instruction=args.instruction, prompts=prompts)
     encoder = load_from_args(args)
     print(f"l2v serve: {config.model_name} (dim {encoder.dim}, {encoder.device}) on http://{args.host}:{args.port}"
-          f"/v1/embeddings{' (API key required)' if api_key else ''}"
+          f"/v1/embeddings and /embed (TEI){' (API key required)' if api_key else ''}"
           + (f"; prompts: {', '.join(prompts)}" if prompts else "")
           + ("; default instruction set" if args.instruction else ""), file=sys.stderr)
     serve(encoder, config, host=args.host, port=args.port, log_level=args.log_level)
@@ -69,8 +69,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible /v1/embeddings HTTP API",
-                       description="Serve POST /v1/embeddings (OpenAI-compatible), GET /v1/models and GET /health. "
+    p = sub.add_parser("serve", help="serve a model over OpenAI-compatible (/v1/embeddings) and "
+                                     "text-embeddings-inference (/embed) HTTP APIs",
+                       description="Serve POST /v1/embeddings (OpenAI-compatible), GET /v1/models and GET /health; "
+                                   "and text-embeddings-inference's POST /embed, POST / and GET /info. "
                                    "Concurrent requests are micro-batched. Binds to 127.0.0.1 unless --host says "
                                    "otherwise.")
     add_model_args(p, positional=True)
