@@ -356,6 +356,12 @@ def _parse_texts(data: dict[str, Any], key: str, cfg: ServeConfig, ids_hint: str
     if len(raw) > cfg.max_inputs:
         raise APIError(413, f"{key} has {len(raw)} items; the limit is max_inputs={cfg.max_inputs}.",
                        param=key, code="max_inputs")
+    pair = next((i for i, x in enumerate(raw) if isinstance(x, list) and x and all(isinstance(y, str) for y in x)),
+                None)
+    if pair is not None:  # the library's (instruction, text) pairs: say how the API takes an instruction instead
+        raise APIError(400, f"{key}[{pair}] is an array of strings; {key} takes strings only. For an "
+                       "(instruction, text) pair send the text and put the instruction in the request's "
+                       "'instruction' field (or name a server prompt with 'prompt_name').", param=key)
     if all(isinstance(x, int) and not isinstance(x, bool) for x in raw) or any(isinstance(x, list) for x in raw):
         raise APIError(400, f"token-id input is not supported; send a string or an array of strings{ids_hint}.",
                        param=key)

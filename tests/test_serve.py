@@ -131,6 +131,9 @@ def test_wrong_or_missing_key(server):
     (b'{"input": [1, 2, 3]}', 400, "token-id"),
     (b'{"input": [[1, 2]]}', 400, "token-id"),
     (b'{"input": [[1, 2]]}', 400, "check_embedding_ctx_length=False"),  # what LangChain sends by default
+    # the library's (instruction, text) pairs: named, with the request field that carries an instruction
+    (b'{"input": ["ok", ["Retrieve: ", "a text"]]}', 400, "input[1] is an array of strings"),
+    (b'{"input": [["Retrieve: ", "a text"]]}', 400, "'instruction' field"),
     (b'{"input": "\\ud800x"}', 400, "lone surrogate"),
     (b'{"input": "a", "encoding_format": "int8"}', 400, "encoding_format"),
     (b'{"input": "a", "dimensions": 0}', 400, "dimensions"),
