@@ -418,16 +418,34 @@ class Encoder(nn.Module):
         A text beyond ``max_length`` (or ``max_text_tokens``, a tighter cap such as a server's) loses its end, or
         its beginning with ``truncation_side="left"``; the instruction and special tokens are always kept.
         """
-        if truncation_side not in ("right", "left"):
-            raise ValueError(f"truncation_side must be 'right' or 'left', got {truncation_side!r}.")
         tok = self.tokenizer
         instr_ids = tok(instruction, add_special_tokens=False)["input_ids"] if instruction else []
         text_ids = tok(text, add_special_tokens=False)["input_ids"] if text else []
+        return self._assemble(text_ids, instr_ids, instruction, max_text_tokens, truncation_side)
+
+    def tokenize_many(self, texts: Sequence[str], instructions: Sequence[str | None]) -> list[Tokenized]:
+        """:meth:`tokenize_one` of each ``(text, instruction)``, with one tokenizer call for all the texts and one
+        per distinct instruction. Why: per-text calls cost ~120 us each (8k texts/s with an instruction), which
+        would bound a GPU encode; the batched call of a fast tokenizer runs in Rust (2-4x faster here)."""
+        tok = self.tokenizer
+        filled = [i for i, t in enumerate(texts) if t]
+        text_ids: list[list[int]] = [[] for _ in texts]
+        if filled:
+            for i, ids in zip(filled, tok([texts[i] for i in filled], add_special_tokens=False)["input_ids"],
+                              strict=True):
+                text_ids[i] = ids
+        instr_ids = {s: (tok(s, add_special_tokens=False)["input_ids"] if s else []) for s in set(instructions)}
+        return [self._assemble(ids, instr_ids[s], s) for ids, s in zip(text_ids, instructions, strict=True)]
+
+    def _assemble(self, text_ids: list[int], instr_ids: list[int], instruction: str | None,
+                  max_text_tokens: int | None = None, truncation_side: str = "right") -> Tokenized:
+        if truncation_side not in ("right", "left"):
+            raise ValueError(f"truncation_side must be 'right' or 'left', got {truncation_side!r}.")
         budget = self.max_length - len(self._prefix) - len(self._suffix) - len(instr_ids)
         if budget < 1:
             raise ValueError(
                 f"instruction is {len(instr_ids)} tokens, leaving no room for text within max_length="
-                f"{self.max_length}: {instruction[:60]!r}"
+                f"{self.max_length}: {(instruction or '')[:60]!r}"
             )
         if max_text_tokens is not None:
             if max_text_tokens < 1:
@@ -634,7 +652,7 @@ class Encoder(nn.Module):
             with torch.inference_mode(), tqdm(total=len(texts), desc="encode", unit="text",
                                               disable=not show_progress_bar) as bar:
                 for chunk in chunk_ranges(len(texts), STREAM_CHUNK):
-                    items = [self.tokenize_one(texts[i], instructions[i]) for i in chunk]
+                    items = self.tokenize_many([texts[i] for i in chunk], [instructions[i] for i in chunk])
                     n_trunc += sum(t.truncated for t in items)
                     for idx in plan_batches([len(t.ids) for t in items], batch_size, max_tokens_per_batch, packed):
                         emb = self.checked(self.forward(collate([items[i] for i in idx])).float())

@@ -707,3 +707,17 @@ def test_loading_on_cpu_tunes_the_allocator(monkeypatch, tmp_path):
     monkeypatch.setattr(l2v.encoder, "tune_malloc", lambda: calls.append(1) or True)
     l2v.encoder.Encoder.from_pretrained(save_tiny("llama", tmp_path / "m"), device="cpu")
     assert calls == [1]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last_token"])
+def test_tokenize_many_equals_tokenize_one(pooling):
+    """encode tokenizes a chunk in one batched call; every item must equal the per-text path (empty texts,
+    truncation, several instructions, none and '')."""
+    enc = tiny_encoder("llama", pooling, max_length=12)
+    texts = ["", "cats", TEXTS[1], "mid length text here", " ", "cats"]
+    instructions = [None, "Query: ", "Query: ", "", "Represent this:", None]
+    many = enc.tokenize_many(texts, instructions)
+    assert many == [enc.tokenize_one(t, i) for t, i in zip(texts, instructions, strict=True)]
+    assert any(t.truncated for t in many)  # the truncation path is exercised
+    with pytest.raises(ValueError, match="leaving no room for text"):
+        enc.tokenize_many(["x"], ["word " * 40])
