@@ -33,13 +33,20 @@ NEW_MASK_TOKEN = "<|l2v_mask|>"
 
 
 def resolve_mask_id(tokenizer: Any, mask_token: str) -> int:
-    """'eos' -> the eos id; 'new' -> the added mask token; any other string must be exactly one token."""
+    """'eos' -> the eos id; 'new' -> the added mask token; any other string is the vocabulary entry of that name
+    when there is one (the official run_mntp.py sets ``tokenizer.mask_token = "_"`` and masks with
+    ``convert_tokens_to_ids("_")``: on SentencePiece vocabularies such as Llama-2's or Mistral's that is the bare
+    ``_`` entry, not the ``▁_`` that tokenising "_" gives), else it must tokenise to exactly one token."""
     if mask_token == "eos":
         if tokenizer.eos_token_id is None:
             raise ValueError("--mask-token eos: this tokenizer has no eos token; use '_' or 'new'.")
         return int(tokenizer.eos_token_id)
     if mask_token == "new":
         return int(tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN))
+    entry = tokenizer.convert_tokens_to_ids(mask_token)
+    unk = tokenizer.unk_token_id
+    if isinstance(entry, int) and entry >= 0 and (entry != unk or mask_token == tokenizer.unk_token):
+        return int(entry)
     ids = tokenizer(mask_token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"--mask-token {mask_token!r} is {len(ids)} tokens for this tokenizer; it must be exactly "

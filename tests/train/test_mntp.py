@@ -209,3 +209,25 @@ def test_no_peft_deprecation_noise_when_training_merging_and_loading(tiny_dir, c
     assert not noise, noise
     with pytest.warns(FutureWarning, match="is_gradient_checkpointing"):  # the filter is scoped, not global
         warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-like vocabulary (Metaspace, prefix space): tokenising "_" gives "▁_", a separate entry from
+    the bare "_" that the official run_mntp.py masks with (``tokenizer.mask_token = "_"``)."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "_": 3, "▁": 4, "▁_": 5, "a": 6, "▁a": 7}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "_"), ("▁", "a")], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_mask_token_is_the_vocabulary_entry_as_in_official_llm2vec():
+    tok = _metaspace_tokenizer()
+    assert tok("_", add_special_tokens=False)["input_ids"] == [5]  # "▁_": what tokenising the string gives
+    assert resolve_mask_id(tok, "_") == 3  # the bare "_" entry, as convert_tokens_to_ids("_") upstream
+    assert resolve_mask_id(tok, "a") == 6
+    assert resolve_mask_id(tok, "<unk>") == 0
+    with pytest.raises(ValueError, match="exactly one token"):
+        resolve_mask_id(tok, "a a")  # not an entry, and two tokens
