@@ -174,13 +174,22 @@ class MNTPConfig(TrainConfig):
     batch_size: int = 8
     max_length: int = 128
     mask_fraction: float = 0.2
+    """Share of each text's tokens that are masked and predicted (exactly this share per text, at least one;
+    official LLM2Vec draws each token with this probability: mlm_probability 0.2, 0.8 for Mistral)."""
     mask_token: str = "_"
-    """'_' (default; any single-token string works), 'eos', or 'new' (adds a <|l2v_mask|> token)."""
+    """'_' (default; a vocabulary entry, or any string that is one token), 'eos', or 'new' (adds a <|l2v_mask|>
+    token)."""
+    mask_mode: str = "all"
+    """'all': every masked token becomes the mask token (official LLM2Vec's all_mask collator, its Mistral
+    recipe); 'bert': 80% mask token, 10% random token, 10% unchanged (its default collator, the Llama-2/3 and
+    Sheared-LLaMA recipes)."""
 
     def validate(self) -> None:
         super().validate()
         if not 0 < self.mask_fraction < 1:
             raise ValueError(f"mask_fraction must be in (0, 1), got {self.mask_fraction!r}.")
+        if self.mask_mode not in ("all", "bert"):
+            raise ValueError(f"mask_mode must be 'all' or 'bert', got {self.mask_mode!r}.")
 
 
 @dataclass
@@ -270,7 +279,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type[TrainConfig]) -> 
         tp = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = (docs.get(f.name, "") + f" (default: {default})").strip()
+        # argparse %-formats help strings: a literal % in a field's doc ("80% ...") must be escaped
+        help_text = (docs.get(f.name, "") + f" (default: {default})").strip().replace("%", "%%")
         if tp is bool:
             parser.add_argument(flag, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None,
                                 metavar="BOOL", help=help_text)

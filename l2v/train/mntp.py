@@ -55,9 +55,11 @@ def resolve_mask_id(tokenizer: Any, mask_token: str) -> int:
 
 
 def mask_batch(batch: dict[str, torch.Tensor], fraction: float, mask_id: int, special_ids: set[int],
-               generator: torch.Generator) -> dict[str, torch.Tensor]:
+               generator: torch.Generator, mode: str = "all", vocab_size: int | None = None) -> dict[str, torch.Tensor]:
     """Mask ``fraction`` of each row's maskable tokens (at least one). Adds ``mask_rows``, ``mask_cols`` (the
-    masked positions) and ``labels`` (their original ids); ``input_ids`` gets the mask token there."""
+    masked positions) and ``labels`` (their original ids). ``mode="all"``: every masked position gets the mask
+    token; ``mode="bert"``: 80% the mask token, 10% a random id below ``vocab_size``, 10% left as they are (all
+    of them still predicted), as transformers' ``DataCollatorForLanguageModeling``."""
     ids = batch["input_ids"]
     attn = batch["attention_mask"].bool()
     prev_attended = torch.zeros_like(attn)
@@ -79,7 +81,17 @@ def mask_batch(batch: dict[str, torch.Tensor], fraction: float, mask_id: int, sp
     rows_t, cols_t = torch.cat(rows), torch.cat(cols)
     labels = ids[rows_t, cols_t].clone()
     masked = ids.clone()
-    masked[rows_t, cols_t] = mask_id
+    if mode == "all":
+        masked[rows_t, cols_t] = mask_id
+    elif mode == "bert":
+        if not vocab_size:
+            raise ValueError("mask_batch(mode='bert') needs vocab_size for the random replacements.")
+        u = torch.rand(rows_t.numel(), generator=generator)
+        rand_ids = torch.randint(vocab_size, (rows_t.numel(),), generator=generator, dtype=ids.dtype)
+        masked[rows_t, cols_t] = torch.where(u < 0.8, torch.full_like(labels, mask_id),
+                                             torch.where(u < 0.9, rand_ids, labels))
+    else:
+        raise ValueError(f"mask mode must be 'all' or 'bert', got {mode!r}.")
     return {**batch, "input_ids": masked, "mask_rows": rows_t, "mask_cols": cols_t, "labels": labels}
 
 
@@ -137,7 +149,8 @@ class MNTPObjective(Objective):
 
     def _masked(self, examples: Sequence[Tokenized], generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch = self.encoder.collate(examples)
-        return mask_batch(batch, self.cfg.mask_fraction, self.mask_id, self.special_ids, generator)
+        return mask_batch(batch, self.cfg.mask_fraction, self.mask_id, self.special_ids, generator,
+                          mode=self.cfg.mask_mode, vocab_size=len(self.encoder.tokenizer))
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.encoder.token_states(batch)
@@ -182,7 +195,7 @@ class MNTPObjective(Objective):
     def save(self, out_dir: Path) -> None:
         save_encoder_dir(out_dir, self.encoder, self.start, self.cfg,
                          extra={"objective": "mntp", "mask_token": self.cfg.mask_token,
-                                "mask_fraction": self.cfg.mask_fraction})
+                                "mask_fraction": self.cfg.mask_fraction, "mask_mode": self.cfg.mask_mode})
 
 
 def train_mntp(cfg: MNTPConfig, texts: Sequence[str] | None = None, **kwargs: Any) -> dict[str, Any]:

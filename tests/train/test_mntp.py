@@ -231,3 +231,30 @@ def test_mask_token_is_the_vocabulary_entry_as_in_official_llm2vec():
     assert resolve_mask_id(tok, "<unk>") == 0
     with pytest.raises(ValueError, match="exactly one token"):
         resolve_mask_id(tok, "a a")  # not an entry, and two tokens
+
+
+def test_bert_mask_mode_replaces_80_10_10_like_official_default_collator(tiny_dir, corpus, tmp_path):
+    """--mask-mode bert: the official Llama-2/3 and Sheared-LLaMA recipes (transformers' default MLM collator)
+    put the mask token on 80% of the chosen tokens, a random token on 10%, and leave 10% as they are."""
+    obj = _objective(tiny_dir, corpus, tmp_path, mask_mode="bert")
+    assert obj.cfg.mask_mode == "bert"
+    plain = obj.encoder.collate(obj.examples[:32] * 8)
+    b = obj.collate(obj.examples[:32] * 8, torch.Generator().manual_seed(0))
+    rows, cols, labels = b["mask_rows"], b["mask_cols"], b["labels"]
+    assert torch.equal(labels, plain["input_ids"][rows, cols])  # every chosen position is still predicted
+    got = b["input_ids"][rows, cols]
+    n = labels.numel()
+    is_mask = got == obj.mask_id
+    kept = (got == labels) & ~is_mask
+    changed = ~is_mask & ~kept
+    assert is_mask.float().mean().item() == pytest.approx(0.8, abs=0.05), n
+    assert kept.float().mean().item() == pytest.approx(0.1, abs=0.04)
+    assert changed.float().mean().item() == pytest.approx(0.1, abs=0.04)
+    assert int(got.max()) < len(obj.encoder.tokenizer)
+    untouched = torch.ones_like(b["input_ids"], dtype=torch.bool)
+    untouched[rows, cols] = False
+    assert torch.equal(b["input_ids"][untouched], plain["input_ids"][untouched])
+    loss, _ = obj.loss(b)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="mask_mode"):
+        obj.cfg.replace(mask_mode="random")

@@ -81,3 +81,4 @@ def test_help_names_the_real_mask_token_and_hub_corpora(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert f"adds a {NEW_MASK_TOKEN} token" in out
     assert "hub:wiki1m_for_simcse" in out
+    assert "'bert': 80% mask token, 10% random token" in out  # a literal % in a field's doc (argparse %-formats)
