@@ -1,8 +1,11 @@
 """Supervised contrastive training (LLM2Vec step 4): query (with instruction), positive, hard negative.
 
-Loss: InfoNCE on cosine similarity x ``scale`` (20, i.e. temperature 0.05). Query i's candidates are every
-positive and every hard negative of the *global* batch (in-batch negatives, gathered across ranks when
-distributed); its own positive is the target.
+Loss: InfoNCE on cosine similarity x ``scale`` (``l2v train supervised``: 50, i.e. temperature 0.02, as the
+official ``run_supervised.py``, whose train configs leave its ``loss_scale`` default of 50; SimCSE uses 20). Query
+i's candidates are every positive and every hard negative of the *global* batch (in-batch negatives, gathered
+across ranks when distributed); its own positive is the target. One direction only (queries against documents),
+as the official ``HardNegativeNLLLoss``. The building blocks below (:func:`info_nce`, :class:`StepSettings`,
+:func:`evaluate_pairs`) keep 20 as their own default; the training objective passes its config's ``scale``.
 
 Distributed: every rank builds the same global batch, embeds its own slice, gathers all embeddings (its own rows
 keep their autograd graph) and computes the same global loss; summing parameter gradients over ranks then gives
@@ -164,8 +167,9 @@ class SupervisedConfig(TrainConfig):
     gradcache_chunk: int = 0
     """GradCache: embed the batch in chunks of this many texts and back-propagate chunk by chunk (same
     gradients, activation memory of one chunk); 0 = off."""
-    scale: float = 20.0
-    """Cosine similarities are multiplied by this before the softmax (temperature 1/scale)."""
+    scale: float = 50.0
+    """Cosine similarities are multiplied by this before the softmax (temperature 1/scale); 50 as the official
+    LLM2Vec supervised recipe (its run_supervised.py loss_scale default; 20 is its SimCSE value)."""
     output_dir: str = "runs/supervised"
     lr: float = 2e-4
     batch_size: int = 32

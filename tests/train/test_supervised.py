@@ -108,6 +108,20 @@ def test_loop_gradcache_equals_plain_and_saves_encoder(tiny_dir, tmp_path):
     assert enc.encode(["hello"]).shape == (1, 32)
 
 
+def test_default_scale_is_the_official_supervised_loss_scale(tiny_dir, tmp_path):
+    """Official run_supervised.py: its train configs set no loss_scale, so HardNegativeNLLLoss gets the script's
+    default 50 (temperature 0.02); 20 is only its SimCSE configs' value."""
+    from l2v.train.supervised import SupervisedObjective
+
+    assert SupervisedConfig().scale == 50.0
+    obj = SupervisedObjective()
+    obj.setup(_cfg(tiny_dir, tmp_path), torch.device("cpu"))
+    assert obj.pair_step.config.scale == 50.0
+    q, p = torch.eye(3), torch.eye(3).flip(0)
+    assert math.isclose(float(info_nce(q, p, scale=obj.cfg.scale)),
+                        float(F.cross_entropy(50.0 * q @ p.T, torch.arange(3))), rel_tol=1e-6)
+
+
 def test_batches_come_from_one_dataset(tiny_dir, tmp_path):
     from l2v.train.supervised import SupervisedObjective
 
