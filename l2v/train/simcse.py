@@ -3,6 +3,13 @@ dropout 0.3, LoRA dropout 0.05); the two views of a sentence are positives, ever
 negative (InfoNCE on cosine similarity x 20). Both views run as one forward pass over the doubled batch: dropout
 masks are drawn independently per row, and the larger matmuls run faster than two half-size passes.
 
+As the official ``run_simcse.py`` (train_configs/simcse: simcse_dropout 0.3 as the attention dropout, loss_scale
+20, one direction, the MNTP adapter merged before a fresh LoRA r=16/alpha=32/dropout 0.05, lr 3e-5, 128 tokens),
+except where noted: mean pooling here is over the text's tokens; upstream's SimCSE texts carry no instruction
+separator, so its ``embed_mask`` is empty and its mean runs over the whole left-padded row (BOS and padding
+positions included). Upstream's batch is 128 per GPU for 1000 steps without warmup; l2v's defaults (32, 100
+steps, 10 warmup) are a short run.
+
 Distributed (``torchrun`` / ``accelerate launch``): ``--batch-size`` is the global batch. Each rank encodes both
 views of its own slice of it, all-gathers the views (its own rows keep their graph) and computes InfoNCE over the
 *global* batch, so every sentence's negatives are all other sentences of the global batch, as with one process;

@@ -83,3 +83,17 @@ def test_bf16_training_keeps_frozen_weights_bf16_and_lora_fp32(tiny_dir, corpus,
         loss, _ = obj.loss(obj.collate(obj.examples[:4], torch.Generator()))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for _, p in obj.trainable_parameters())
+
+
+def test_attention_dropout_alone_makes_the_two_views_differ(tiny_dir, corpus, tmp_path):
+    """The official SimCSE noise is attention dropout 0.3 (simcse_dropout): it must act inside l2v's
+    bidirectional attention, not only LoRA dropout."""
+    views = {}
+    for p in (0.0, 0.3):
+        obj = SimCSEObjective()
+        obj.setup(simcse_cfg(tiny_dir, corpus, tmp_path / f"r{p}", lora_dropout=0.0, attention_dropout=p),
+                  torch.device("cpu"))
+        obj.model.train()
+        a, b = obj.encoder(obj.collate(obj.examples[:4], torch.Generator())).chunk(2)
+        views[p] = float((a - b).abs().max())
+    assert views[0.0] == 0.0 and views[0.3] > 1e-3
