@@ -270,3 +270,25 @@ def test_non_finite_embeddings_are_one_line_and_write_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "non-finite (NaN/inf) embeddings" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def _command_paths(parser, prefix=()):
+    """Every command path of the parser tree: ('encode',), ('train', 'mntp'), ..."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _command_paths(sub, (*prefix, name))
+
+
+def test_every_command_help_renders(capsys):
+    """argparse formats help lazily: a stray '%' in one option's help crashed that command's --help only."""
+    paths = list(_command_paths(build_parser()))
+    assert ("train", "mntp") in paths and ("serve",) in paths and len(paths) >= 12
+    for path in paths:
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_args([*path, "--help"])
+        assert info.value.code == 0, path
+        assert "usage: l2v " + " ".join(path) in capsys.readouterr().out, path
