@@ -176,9 +176,9 @@ class MNTPConfig(TrainConfig):
     mask_fraction: float = 0.2
     """Share of each text's tokens that are masked and predicted (exactly this share per text, at least one;
     official LLM2Vec draws each token with this probability: mlm_probability 0.2, 0.8 for Mistral)."""
-    mask_token: str = "_"
-    """'_' (default; a vocabulary entry, or any string that is one token), 'eos', or 'new' (adds a <|l2v_mask|>
-    token)."""
+    mask_token: str = "auto"
+    """'auto' (default: the tokenizer's own mask token if it has one, e.g. Gemma's <mask>, else '_', as official
+    LLM2Vec does), '_' or any vocabulary entry or one-token string, 'eos', or 'new' (adds a <|l2v_mask|> token)."""
     mask_mode: str = "all"
     """'all': every masked token becomes the mask token (official LLM2Vec's all_mask collator, its Mistral
     recipe); 'bert': 80% mask token, 10% random token, 10% unchanged (its default collator, the Llama-2/3 and

@@ -33,10 +33,14 @@ NEW_MASK_TOKEN = "<|l2v_mask|>"
 
 
 def resolve_mask_id(tokenizer: Any, mask_token: str) -> int:
-    """'eos' -> the eos id; 'new' -> the added mask token; any other string is the vocabulary entry of that name
-    when there is one (the official run_mntp.py sets ``tokenizer.mask_token = "_"`` and masks with
+    """'auto' -> the tokenizer's own mask token, else '_'; 'eos' -> the eos id; 'new' -> the added mask token; any
+    other string is the vocabulary entry of that name when there is one (the official run_mntp.py keeps a mask
+    token the tokenizer has, else sets ``tokenizer.mask_token = "_"`` and masks with
     ``convert_tokens_to_ids("_")``: on SentencePiece vocabularies such as Llama-2's or Mistral's that is the bare
     ``_`` entry, not the ``▁_`` that tokenising "_" gives), else it must tokenise to exactly one token."""
+    if mask_token == "auto":  # official run_mntp.py keeps a tokenizer's own mask token, else sets "_"
+        own = getattr(tokenizer, "mask_token_id", None)
+        return int(own) if own is not None else resolve_mask_id(tokenizer, "_")
     if mask_token == "eos":
         if tokenizer.eos_token_id is None:
             raise ValueError("--mask-token eos: this tokenizer has no eos token; use '_' or 'new'.")

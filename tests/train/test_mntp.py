@@ -82,6 +82,10 @@ def test_mask_token_choices(tiny_dir, corpus, tmp_path):
     assert resolve_mask_id(tok, "_") == tok("_", add_special_tokens=False)["input_ids"][0]
     with pytest.raises(ValueError, match="exactly one token"):
         resolve_mask_id(tok, "this is several tokens")
+    # 'auto' (the default): the tokenizer's own mask token if it has one (Gemma: <mask>), else '_'
+    assert tok.mask_token is None and obj.mask_id == resolve_mask_id(tok, "auto") == resolve_mask_id(tok, "_")
+    tok.add_special_tokens({"mask_token": "<mask>"})
+    assert resolve_mask_id(tok, "auto") == tok.convert_tokens_to_ids("<mask>") != resolve_mask_id(tok, "_")
     new = _objective(tiny_dir, corpus, tmp_path / "n", mask_token="new")
     assert new.mask_id >= 320 and new.mask_id in new.special_ids
     loss, _ = new.loss(new.collate(new.examples[:4], torch.Generator().manual_seed(0)))
