@@ -42,6 +42,8 @@ class L2VConfig:
     pooling: str = "mean"
     bidirectional: bool = True
     max_length: int = 512
+    prompts: dict[str, str] = field(default_factory=dict)  # name -> instruction (encode's prompt_name)
+    default_prompt_name: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: str | os.PathLike) -> Path:

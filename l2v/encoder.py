@@ -47,6 +47,8 @@ from .pooling import check_pooling, pool
 
 Text = str
 Item = str | tuple[str, str] | list[str]
+Precision = Literal["float32", "int8", "uint8", "binary", "ubinary"]
+PRECISIONS: tuple[str, ...] = ("float32", "int8", "uint8", "binary", "ubinary")
 
 
 def cpu_supports_bf16() -> bool:
@@ -143,6 +145,87 @@ def normalize_inputs(sentences: Any, instruction: str | None = None) -> tuple[li
     return texts, instructions, False
 
 
+def check_prompts(prompts: Mapping[str, str] | None, default_prompt_name: str | None
+                  ) -> tuple[dict[str, str], str | None]:
+    """Validated ``prompts`` (name -> instruction, "" for none) and ``default_prompt_name`` (one of them)."""
+    if prompts is None:
+        prompts = {}
+    if not isinstance(prompts, Mapping):
+        raise TypeError(f"prompts must be a dict of name -> instruction, got {type(prompts).__name__}.")
+    for name, text in prompts.items():
+        if not isinstance(name, str) or not name or not isinstance(text, str):
+            raise TypeError(f"prompts: expected non-empty string names and string instructions, got "
+                            f"{name!r}: {text!r:.60}.")
+    if default_prompt_name is not None and default_prompt_name not in prompts:
+        raise ValueError(f"default_prompt_name={default_prompt_name!r} is not one of the prompts "
+                         f"({', '.join(map(repr, prompts)) or 'none'}).")
+    return dict(prompts), default_prompt_name
+
+
+def quantize_embeddings(embeddings: np.ndarray, precision: Precision) -> np.ndarray:
+    """float32 (n, dim) embeddings as ``sentence_transformers.quantization.quantize_embeddings`` quantizes them
+    without ``ranges`` or ``calibration_embeddings`` (what ``SentenceTransformer.encode(precision=...)`` does).
+
+    "int8"/"uint8": each dimension's [min, max] over *these* embeddings is cut into 255 steps (so a vector's codes
+    depend on the other texts of the call; at least 2 embeddings, and ST suggests 100+); "binary"/"ubinary": one
+    bit per dimension (> 0), packed 8 to a byte, big-endian; "binary" stores each byte minus 128 as int8.
+    """
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if precision == "float32":
+        return emb
+    if precision in ("binary", "ubinary"):
+        packed = np.packbits(emb > 0, axis=-1)
+        return packed if precision == "ubinary" else (packed.astype(np.int16) - 128).astype(np.int8)
+    if precision not in ("int8", "uint8"):
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}.")
+    dtype = np.int8 if precision == "int8" else np.uint8
+    if emb.ndim == 2 and emb.shape[0] == 0:
+        return np.zeros(emb.shape, dtype=dtype)
+    if emb.ndim == 1 or emb.shape[0] == 1:
+        raise ValueError(f"precision={precision!r} takes each dimension's range from the embeddings of the same "
+                         "call (as sentence-transformers does), so it needs at least 2 texts; encode a "
+                         "representative batch together, or quantize with explicit ranges "
+                         "(sentence_transformers.quantization.quantize_embeddings(..., ranges=...)).")
+    starts, ends = emb.min(axis=0), emb.max(axis=0)
+    steps = (ends - starts) / 255
+    steps = np.where(steps == 0, 1, steps)
+    codes = np.clip(np.floor((emb - starts) / steps), 0, 255)
+    return (codes - 128).astype(np.int8) if precision == "int8" else codes.astype(np.uint8)
+
+
+def _pick(name_a: str, a: Any, name_b: str, b: Any) -> Any:
+    """Whichever of two synonyms (l2v's name, sentence-transformers') was given; both, differing: a ValueError."""
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"{name_a}={a!r:.60} and {name_b}={b!r:.60} are the same setting (l2v's and "
+                         "sentence-transformers' name) with different values; pass one of them.")
+    return a if a is not None else b
+
+
+def _output_kind(convert_to: str | None, to_numpy: bool | None, to_tensor: bool | None) -> str:
+    """"numpy", "torch" or "list" from l2v's ``convert_to`` and ST's ``convert_to_numpy``/``convert_to_tensor``
+    (ST's rule: ``convert_to_tensor`` wins; both False: a list of tensors). Contradicting ``convert_to``: error."""
+    if convert_to not in (None, "numpy", "torch"):
+        raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}.")
+    if to_numpy is None and to_tensor is None:
+        return convert_to or "numpy"
+    st_kind = "torch" if to_tensor else "numpy" if to_numpy in (None, True) else "list"
+    if convert_to is not None and convert_to != st_kind:
+        given = ", ".join(f"{k}={v!r}" for k, v in (("convert_to_numpy", to_numpy), ("convert_to_tensor", to_tensor))
+                          if v is not None)
+        raise ValueError(f"convert_to={convert_to!r} contradicts {given} (which gives "
+                         f"{'a list of tensors' if st_kind == 'list' else st_kind}); pass one of them.")
+    return st_kind
+
+
+def _canonical_device(dev: torch.device) -> torch.device:
+    """"cuda" as the current CUDA device, "cpu:0" / "mps:0" as "cpu" / "mps", so equal devices compare equal."""
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if dev.type in ("cpu", "mps"):
+        return torch.device(dev.type)
+    return dev
+
+
 @dataclass
 class Tokenized:
     """One text ready for batching: ids plus the span [start, end) of the text's own tokens."""
@@ -167,6 +250,8 @@ class Encoder(nn.Module):
         max_length: int = 512,
         name: str | None = None,
         base_model: str | None = None,
+        prompts: Mapping[str, str] | None = None,
+        default_prompt_name: str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -179,6 +264,8 @@ class Encoder(nn.Module):
         self.max_length = _check_max_length(max_length)
         self.name = name
         self.base_model = base_model
+        # As sentence-transformers: name -> instruction, chosen by encode(prompt_name=...) or default_prompt_name.
+        self.prompts, self.default_prompt_name = check_prompts(prompts, default_prompt_name)
         self.padding_side = getattr(tokenizer, "padding_side", "right") or "right"
         self._pad_id = self._pick_pad_id()
         self._takes_position_ids = "position_ids" in inspect.signature(self._forward_target().forward).parameters
@@ -206,6 +293,8 @@ class Encoder(nn.Module):
         merge_adapter: bool = True,
         cpu_kernel: bool | None = None,
         fp32_layers: int | None = None,
+        prompts: Mapping[str, str] | None = None,
+        default_prompt_name: str | None = None,
     ) -> Encoder:
         """Load a model as an encoder.
 
@@ -223,6 +312,8 @@ class Encoder(nn.Module):
         is amplified and decides the worst texts: with the first 40% of the layers in fp32 (the default,
         ``None``) every measured text of the default and trained encoders stays at cosine >= 0.999 against fp32;
         ``0`` (bf16 weights everywhere) is ~1.2x faster, with ~1 text in 100 below 0.99. README "Precision".
+        ``prompts`` / ``default_prompt_name``: named instructions for ``encode(prompt_name=...)``, as in
+        sentence-transformers; merged over those saved in ``l2v_config.json`` (a name given here wins).
         On CPU, loading also fixes glibc's allocator thresholds for the process so each batch reuses the previous
         batch's activation memory instead of page-faulting fresh memory (:mod:`l2v.kernels.malloc`;
         ``L2V_MALLOC_TUNE=0`` opts out).
@@ -260,6 +351,9 @@ class Encoder(nn.Module):
         bidirectional = bidirectional if bidirectional is not None else (cfg.bidirectional if cfg else True)
         max_length = _check_max_length(max_length if max_length is not None else (
             cfg.max_length if cfg else official.get("max_length", 512)))
+        prompts, default_prompt_name = check_prompts(
+            {**((cfg.prompts or {}) if cfg else {}), **(prompts or {})},
+            default_prompt_name if default_prompt_name is not None else (cfg.default_prompt_name if cfg else None))
         dev = _resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         use_kernel = _want_cpu_kernel(cpu_kernel, torch_dtype, dev)
@@ -308,7 +402,8 @@ class Encoder(nn.Module):
         base_name = cfg.base_model if cfg and cfg.base_model else (
             "smollm2-135m" if is_default_model(None if model is None else str(model)) else str(model))
         return cls(net, tokenizer, pooling=pooling, max_length=max_length,
-                   name=str(model) if model is not None else "smollm2-135m", base_model=base_name)
+                   name=str(model) if model is not None else "smollm2-135m", base_model=base_name,
+                   prompts=prompts, default_prompt_name=default_prompt_name)
 
     def save_pretrained(self, directory: str | os.PathLike, **extra: Any) -> Path:
         """Save weights (safetensors), tokenizer and ``l2v_config.json``; reload with ``from_pretrained(dir)``."""
@@ -322,7 +417,8 @@ class Encoder(nn.Module):
         _strip_is_causal(out / "config.json")
         self.tokenizer.save_pretrained(out)
         L2VConfig(base_model=self.base_model, pooling=self.pooling, bidirectional=self.bidirectional,
-                  max_length=self.max_length, extra=extra).save(out)
+                  max_length=self.max_length, prompts=dict(self.prompts),
+                  default_prompt_name=self.default_prompt_name, extra=extra).save(out)
         return out
 
     # --------------------------------------------------------------- properties
@@ -591,56 +687,153 @@ class Encoder(nn.Module):
         sentences: str | Sequence[Item],
         instruction: str | None = None,
         batch_size: int = 128,
-        normalize: bool = False,
+        normalize: bool | None = None,
         show_progress_bar: bool | None = None,
-        convert_to: Literal["numpy", "torch"] = "numpy",
+        convert_to: Literal["numpy", "torch"] | None = None,
         normalize_embeddings: bool | None = None,
         dimensions: int | None = None,
         max_tokens_per_batch: int | None = DEFAULT_MAX_TOKENS,
-    ) -> np.ndarray | torch.Tensor:
+        *,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        truncate_dim: int | None = None,
+        convert_to_numpy: bool | None = None,
+        convert_to_tensor: bool | None = None,
+        precision: Precision = "float32",
+        output_value: str | None = "sentence_embedding",
+        device: str | torch.device | None = None,
+    ) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
         """Embed texts; returns (n, dim) in input order (a 1-D vector for a single string).
-
-        ``dimensions``: keep only the first k dimensions (Matryoshka-style), re-normalised when ``normalize``.
 
         ``sentences``: strings, or ``(instruction, text)`` pairs; ``instruction`` applies to plain strings. A bare
         tuple is a sequence of texts, like a list: wrap a single pair in a list.
         Empty strings are valid (pooled over the special tokens). Texts longer than ``max_length`` tokens are
         truncated with one warning. Embeddings are float32 whatever the model dtype.
 
+        ``dimensions``: keep only the first k dimensions (Matryoshka-style), re-normalised when ``normalize``.
+
         Batching never changes the result (up to float rounding): texts are tokenized ``STREAM_CHUNK`` at a time
         (memory stays flat for any number of texts), sorted by length and cut into batches of at most
         ``batch_size`` texts and ``max_tokens_per_batch`` tokens (``None``: no token limit). On CPU the texts of
         a batch are packed into one padding-free row (``self.packing``), so the budget counts real tokens.
+
+        sentence-transformers' keywords mean what they mean there (``SentenceTransformer.encode``):
+        ``prompt`` = ``instruction`` (tokenised separately and never pooled, as ST with ``include_prompt=False``);
+        ``prompt_name`` picks an instruction from ``self.prompts``, and without any of the three,
+        ``self.default_prompt_name`` applies (``instruction=""`` opts out); ``truncate_dim`` = ``dimensions``;
+        ``normalize_embeddings`` = ``normalize``; ``convert_to_tensor=True`` gives one tensor (it wins over
+        ``convert_to_numpy``), ``convert_to_numpy=False`` alone a list of 1-D tensors; ``precision`` quantizes as
+        ``sentence_transformers.quantization.quantize_embeddings`` (see :func:`quantize_embeddings`); ``device``
+        must be the encoder's own device; ``output_value`` only ``"sentence_embedding"``.
+        Deliberate differences from ST: two synonyms given with different values (``prompt`` and ``prompt_name``
+        included, where ST warns and uses ``prompt``) are a ValueError naming both, not a silent choice; tensors
+        come back on the CPU (ST leaves them on the model's device; l2v collects on the CPU so device memory stays
+        flat for any corpus); ``device`` never moves the model; empty input is (0, dim), not ``[]``.
         """
-        if normalize_embeddings is not None:
-            normalize = normalize_embeddings
+        normalize = bool(_pick("normalize", normalize, "normalize_embeddings", normalize_embeddings))
+        dimensions = _pick("dimensions", dimensions, "truncate_dim", truncate_dim)
+        kind = _output_kind(convert_to, convert_to_numpy, convert_to_tensor)
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if max_tokens_per_batch is not None and (not _is_int(max_tokens_per_batch) or max_tokens_per_batch < 1):
             raise ValueError(f"max_tokens_per_batch must be a positive integer or None, got {max_tokens_per_batch!r}.")
-        if convert_to not in ("numpy", "torch"):
-            raise ValueError(f"convert_to must be 'numpy' or 'torch', got {convert_to!r}.")
         if dimensions is not None and (not _is_int(dimensions) or not 1 <= dimensions <= self.dim):
-            raise ValueError(f"dimensions must be an integer in [1, {self.dim}] or None, got {dimensions!r}.")
+            name = "dimensions" if truncate_dim is None else "truncate_dim"
+            raise ValueError(f"{name} must be an integer in [1, {self.dim}] or None, got {dimensions!r}.")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}.")
+        if output_value != "sentence_embedding":
+            raise ValueError(f"output_value={output_value!r} is not supported: encode returns sentence embeddings "
+                             "only ('sentence_embedding'); for per-token states use Encoder.token_states on a "
+                             "collated batch.")
+        self._check_device(device)
+        instruction = self._resolve_instruction(instruction, prompt, prompt_name)
+        texts, instructions, single = normalize_inputs(sentences, instruction)
         # numpy integers are fine (e.g. sizes computed with numpy); downstream checks want plain ints
-        batch_size = int(batch_size)
-        max_tokens_per_batch = None if max_tokens_per_batch is None else int(max_tokens_per_batch)
-        dimensions = None if dimensions is None else int(dimensions)
-        if dimensions is not None and dimensions < self.dim:
-            full = self.encode(sentences, instruction=instruction, batch_size=batch_size, normalize=False,
-                               show_progress_bar=show_progress_bar, convert_to="torch",
-                               max_tokens_per_batch=max_tokens_per_batch)
-            out = full[..., :dimensions].contiguous()
+        cut = dimensions is not None and int(dimensions) < self.dim
+        out = self._encode_texts(texts, instructions, int(batch_size), normalize and not cut, show_progress_bar,
+                                 None if max_tokens_per_batch is None else int(max_tokens_per_batch))
+        if cut:
+            out = out[:, :int(dimensions)].contiguous()
             if normalize:
                 out = torch.nn.functional.normalize(out, dim=-1)
-            return out.numpy() if convert_to == "numpy" else out
-        texts, instructions, single = normalize_inputs(sentences, instruction)
+        result: np.ndarray | torch.Tensor = out
+        if precision != "float32":
+            result = quantize_embeddings(out.numpy(), precision)
+        if kind == "numpy":
+            result = result.numpy() if isinstance(result, torch.Tensor) else result
+        else:
+            result = torch.from_numpy(result) if isinstance(result, np.ndarray) else result
+        if kind == "list":
+            result = list(result)
+        return result[0] if single else result
+
+    def encode_query(self, sentences: str | Sequence[Item], **kwargs: Any) -> np.ndarray | torch.Tensor | list:
+        """``encode`` with the prompt named "query" when no instruction, prompt or prompt_name is given and
+        ``self.prompts`` has one (sentence-transformers v5's ``encode_query``; else as ``encode``)."""
+        return self.encode(sentences, **self._task_prompt(kwargs, ("query",)))
+
+    def encode_document(self, sentences: str | Sequence[Item], **kwargs: Any) -> np.ndarray | torch.Tensor | list:
+        """``encode`` with the first of the prompts named "document", "passage", "corpus" when no instruction,
+        prompt or prompt_name is given (sentence-transformers v5's ``encode_document``; else as ``encode``)."""
+        return self.encode(sentences, **self._task_prompt(kwargs, ("document", "passage", "corpus")))
+
+    def _task_prompt(self, kwargs: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+        if all(kwargs.get(k) is None for k in ("instruction", "prompt", "prompt_name")):
+            name = next((n for n in names if n in self.prompts), None)
+            if name is not None:
+                kwargs = {**kwargs, "prompt_name": name}
+        return kwargs
+
+    def _resolve_instruction(self, instruction: str | None, prompt: str | None, prompt_name: str | None
+                             ) -> str | None:
+        """The call's instruction from ``instruction`` / ``prompt`` / ``prompt_name``, else the default prompt."""
+        for name, value in (("instruction", instruction), ("prompt", prompt), ("prompt_name", prompt_name)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string or None, got {type(value).__name__}.")
+        text = _pick("instruction", instruction, "prompt", prompt)
+        if prompt_name is not None:
+            named = self._named_prompt(prompt_name, "prompt_name")
+            if text is not None and text != named:
+                given = "instruction" if instruction is not None else "prompt"
+                raise ValueError(f"{given}={text[:60]!r} and prompt_name={prompt_name!r} (= {named[:60]!r}) disagree; "
+                                 "pass one of them.")
+            return named
+        if text is None and self.default_prompt_name is not None:
+            return self._named_prompt(self.default_prompt_name, "default_prompt_name")
+        return text
+
+    def _named_prompt(self, name: str, what: str) -> str:
+        if name not in self.prompts:
+            known = ", ".join(map(repr, self.prompts)) or "none (set Encoder.prompts, or from_pretrained(prompts=...))"
+            raise ValueError(f"{what}={name!r} is not one of this encoder's prompts: {known}.")
+        return self.prompts[name]
+
+    def _check_device(self, device: Any) -> None:
+        """Refuse a ``device`` other than the encoder's: sentence-transformers moves the model there, but l2v picks
+        the dtype and CPU kernel for the device at load time (the kernel's packed weights cannot move)."""
+        if device is None:
+            return
+        if isinstance(device, (list, tuple)):
+            raise ValueError(f"device={list(device)!r} asks for sentence-transformers' multi-process encoding, which "
+                             "l2v does not do; run one encoder per device (or l2v encode-corpus --shard).")
+        try:
+            want = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device={device!r} is not a torch device.") from exc
+        if _canonical_device(want) != _canonical_device(self.device):
+            raise ValueError(f"device={str(device)!r}, but this encoder is on {self.device}; encode does not move the "
+                             f"model (sentence-transformers does). Load it there: Encoder.from_pretrained(..., "
+                             f"device={str(device)!r}).")
+
+    def _encode_texts(self, texts: list[str], instructions: list[str | None], batch_size: int, normalize: bool,
+                      show_progress_bar: bool | None, max_tokens_per_batch: int | None) -> torch.Tensor:
+        """(n, dim) float32 CPU embeddings of already validated texts, in input order."""
+        out = torch.empty((len(texts), self.dim), dtype=torch.float32)
         if not texts:
-            empty = torch.zeros((0, self.dim), dtype=torch.float32)
-            return empty.numpy() if convert_to == "numpy" else empty
+            return out
         if show_progress_bar is None:
             show_progress_bar = len(texts) > 4 * batch_size
-        out = torch.empty((len(texts), self.dim), dtype=torch.float32)
         from tqdm.auto import tqdm
 
         was_training = self.model.training
@@ -665,10 +858,8 @@ class Encoder(nn.Module):
             self.model.train(was_training)
         if n_trunc:
             warnings.warn(f"{n_trunc} of {len(texts)} texts were longer than max_length={self.max_length} "
-                          "tokens and were truncated.", stacklevel=2)
-        if single:
-            out = out[0]
-        return out.numpy() if convert_to == "numpy" else out
+                          "tokens and were truncated.", stacklevel=3)
+        return out
 
     def checked(self, emb: torch.Tensor) -> torch.Tensor:
         """``emb``, or a clear error if the forward produced NaN/inf (fp16 overflow on some models, bad weights):

@@ -721,3 +721,152 @@ def test_tokenize_many_equals_tokenize_one(pooling):
     assert any(t.truncated for t in many)  # the truncation path is exercised
     with pytest.raises(ValueError, match="leaving no room for text"):
         enc.tokenize_many(["x"], ["word " * 40])
+
+
+# ------------------------------------------------- sentence-transformers call patterns on Encoder.encode
+MANY = [f"text number {i} about {w}" for i, w in enumerate(["cats", "dogs", "stocks", "rain", "music", "maths"] * 3)]
+
+
+def test_st_convert_to_numpy_and_tensor():
+    """ST's flags: convert_to_tensor wins over convert_to_numpy; convert_to_numpy=False alone is a list of 1-D
+    tensors; a flag that contradicts l2v's convert_to is an error naming both."""
+    enc = tiny_encoder()
+    ref = enc.encode(TEXTS)
+    assert isinstance(enc.encode(TEXTS, convert_to_numpy=True), np.ndarray)
+    for kw in ({"convert_to_tensor": True}, {"convert_to_tensor": True, "convert_to_numpy": True},
+               {"convert_to_tensor": True, "convert_to": "torch"}):
+        t = enc.encode(TEXTS, **kw)
+        assert isinstance(t, torch.Tensor) and t.shape == (4, enc.dim)
+        np.testing.assert_allclose(t.numpy(), ref, atol=1e-6)
+    rows = enc.encode(TEXTS, convert_to_numpy=False)
+    assert isinstance(rows, list) and len(rows) == 4 and all(isinstance(r, torch.Tensor) and r.shape == (enc.dim,)
+                                                             for r in rows)
+    np.testing.assert_allclose(torch.stack(rows).numpy(), ref, atol=1e-6)
+    one = enc.encode(TEXTS[0], convert_to_numpy=False)
+    assert isinstance(one, torch.Tensor) and one.shape == (enc.dim,)
+    assert enc.encode([], convert_to_numpy=False) == []
+    with pytest.raises(ValueError, match="convert_to='numpy' contradicts convert_to_tensor=True"):
+        enc.encode(TEXTS, convert_to="numpy", convert_to_tensor=True)
+    with pytest.raises(ValueError, match="convert_to='torch' contradicts convert_to_numpy=False"):
+        enc.encode(TEXTS, convert_to="torch", convert_to_numpy=False)
+
+
+def test_st_truncate_dim_and_normalize_embeddings_are_l2v_synonyms():
+    enc = tiny_encoder()
+    ref = enc.encode(TEXTS, dimensions=8, normalize=True)
+    np.testing.assert_allclose(enc.encode(TEXTS, truncate_dim=8, normalize_embeddings=True), ref, atol=1e-6)
+    np.testing.assert_allclose(enc.encode(TEXTS, truncate_dim=8, dimensions=8, normalize=True), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="dimensions=8 and truncate_dim=16"):
+        enc.encode(TEXTS, dimensions=8, truncate_dim=16)
+    with pytest.raises(ValueError, match="normalize=False and normalize_embeddings=True"):
+        enc.encode(TEXTS, normalize=False, normalize_embeddings=True)
+    with pytest.raises(ValueError, match=r"truncate_dim must be an integer in \[1, 32\]"):
+        enc.encode(TEXTS, truncate_dim=64)
+
+
+def test_st_prompt_and_prompt_name_are_instructions():
+    """prompt = instruction (not pooled); prompt_name picks from Encoder.prompts; default_prompt_name applies
+    when nothing is given and "" opts out; conflicting values are errors naming both."""
+    enc = tiny_encoder(prompts={"query": "Retrieve passages:", "plain": ""}, default_prompt_name="query")
+    plain = tiny_encoder().encode(TEXTS)
+    instructed = tiny_encoder().encode(TEXTS, instruction="Retrieve passages:")
+    assert not np.allclose(plain, instructed, atol=1e-4)
+    for kw in ({}, {"prompt": "Retrieve passages:"}, {"prompt_name": "query"},
+               {"prompt_name": "query", "instruction": "Retrieve passages:"}):
+        np.testing.assert_allclose(enc.encode(TEXTS, **kw), instructed, atol=1e-5)
+    for kw in ({"prompt": ""}, {"instruction": ""}, {"prompt_name": "plain"}):
+        np.testing.assert_allclose(enc.encode(TEXTS, **kw), plain, atol=1e-5)
+    # an (instruction, text) pair keeps its own instruction whatever the prompt
+    np.testing.assert_allclose(enc.encode([("", TEXTS[0])], prompt="")[0], plain[0], atol=1e-5)
+    with pytest.raises(ValueError, match="instruction='a' and prompt='b'"):
+        enc.encode(TEXTS, instruction="a", prompt="b")
+    with pytest.raises(ValueError, match="prompt='b' and prompt_name='query'"):
+        enc.encode(TEXTS, prompt="b", prompt_name="query")
+    with pytest.raises(ValueError, match="prompt_name='nope' is not one of this encoder's prompts: 'query', 'plain'"):
+        enc.encode(TEXTS, prompt_name="nope")
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        enc.encode(TEXTS, prompt=3)
+    with pytest.raises(ValueError, match="default_prompt_name='x' is not one of the prompts"):
+        tiny_encoder(prompts={"query": "q"}, default_prompt_name="x")
+    enc.default_prompt_name = "gone"
+    with pytest.raises(ValueError, match="default_prompt_name='gone'"):
+        enc.encode(TEXTS)
+
+
+def test_st_encode_query_and_encode_document():
+    """ST v5: the prompts named "query" / "document" (else "passage", "corpus") unless the call names one."""
+    enc = tiny_encoder(prompts={"query": "Find:", "passage": "Passage:"})
+    np.testing.assert_allclose(enc.encode_query(TEXTS), enc.encode(TEXTS, prompt="Find:"), atol=1e-5)
+    np.testing.assert_allclose(enc.encode_document(TEXTS), enc.encode(TEXTS, prompt="Passage:"), atol=1e-5)
+    np.testing.assert_allclose(enc.encode_query(TEXTS, prompt="Other:"), enc.encode(TEXTS, instruction="Other:"),
+                               atol=1e-5)
+    t = enc.encode_query(TEXTS, convert_to_tensor=True, truncate_dim=8)
+    assert isinstance(t, torch.Tensor) and t.shape == (4, 8)
+    bare = tiny_encoder()
+    np.testing.assert_allclose(bare.encode_document(TEXTS), bare.encode(TEXTS), atol=1e-6)
+    # an empty "query" prompt overrides default_prompt_name, as in ST
+    dflt = tiny_encoder(prompts={"query": "", "document": "Doc:"}, default_prompt_name="document")
+    np.testing.assert_allclose(dflt.encode_query(TEXTS), bare.encode(TEXTS), atol=1e-5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'pool'"):
+        enc.encode_query(TEXTS, pool=None)
+
+
+def test_prompts_saved_and_loaded(tmp_path):
+    enc = tiny_encoder(prompts={"query": "Find:", "document": ""}, default_prompt_name="query")
+    enc.base_model = "tiny-llama"
+    enc.save_pretrained(tmp_path / "enc")
+    back = Encoder.from_pretrained(tmp_path / "enc", dtype="float32", device="cpu")
+    assert back.prompts == {"query": "Find:", "document": ""} and back.default_prompt_name == "query"
+    np.testing.assert_allclose(back.encode(TEXTS), enc.encode(TEXTS, instruction="Find:"), atol=1e-5)
+    over = Encoder.from_pretrained(tmp_path / "enc", dtype="float32", device="cpu",
+                                   prompts={"query": "Q:", "extra": "E:"}, default_prompt_name="extra")
+    assert over.prompts == {"query": "Q:", "document": "", "extra": "E:"} and over.default_prompt_name == "extra"
+    with pytest.raises(ValueError, match="default_prompt_name='nope'"):
+        Encoder.from_pretrained(tmp_path / "enc", dtype="float32", device="cpu", default_prompt_name="nope")
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8", "uint8", "binary", "ubinary"])
+def test_st_precision_equals_quantize_embeddings(precision):
+    """encode(precision=...) equals sentence-transformers' quantize_embeddings on the same float embeddings
+    (int8 ranges from the call's own embeddings; bits packed 8 to a byte), after truncation and normalisation."""
+    st_quant = pytest.importorskip("sentence_transformers.quantization")
+    enc = tiny_encoder()
+    for kw in ({}, {"truncate_dim": 12, "normalize_embeddings": True}):
+        floats = enc.encode(MANY, **kw)
+        want = st_quant.quantize_embeddings(floats, precision=precision)
+        got = enc.encode(MANY, precision=precision, **kw)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    t = enc.encode(MANY, precision=precision, convert_to_tensor=True)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.from_numpy(want[:0]).dtype
+    assert len(enc.encode(MANY, precision=precision, convert_to_numpy=False)) == len(MANY)
+    assert enc.encode([], precision=precision).shape[0] == 0
+
+
+def test_precision_errors():
+    enc = tiny_encoder()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        enc.encode(TEXTS, precision="float16")
+    with pytest.raises(ValueError, match="at least 2 texts"):
+        enc.encode(TEXTS[0], precision="int8")
+    assert enc.encode(TEXTS[0], precision="ubinary").shape == (enc.dim // 8,)
+
+
+def test_st_device_and_output_value():
+    """device: the encoder's own is accepted, any other refused (ST would move the model); output_value: only
+    sentence embeddings; ST keywords l2v does not implement still fail as unknown."""
+    enc = tiny_encoder()
+    ref = enc.encode(TEXTS)
+    for dev in ("cpu", "cpu:0", torch.device("cpu")):
+        np.testing.assert_allclose(enc.encode(TEXTS, device=dev), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="device='meta', but this encoder is on cpu; encode does not move"):
+        enc.encode(TEXTS, device="meta")
+    with pytest.raises(ValueError, match="multi-process"):
+        enc.encode(TEXTS, device=["cpu", "cpu"])
+    np.testing.assert_allclose(enc.encode(TEXTS, output_value="sentence_embedding"), ref, atol=1e-6)
+    for value in ("token_embeddings", None):
+        with pytest.raises(ValueError, match="output_value=.*sentence embeddings only"):
+            enc.encode(TEXTS, output_value=value)
+    for kw in ({"chunk_size": 10}, {"task": "query"}, {"prompt_nam": "query"}):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
+            enc.encode(TEXTS, **kw)
