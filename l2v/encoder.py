@@ -49,6 +49,7 @@ Text = str
 Item = str | tuple[str, str] | list[str]
 Precision = Literal["float32", "int8", "uint8", "binary", "ubinary"]
 PRECISIONS: tuple[str, ...] = ("float32", "int8", "uint8", "binary", "ubinary")
+SIMILARITY_FNS: tuple[str, ...] = ("cosine", "dot", "euclidean", "manhattan")
 
 
 def cpu_supports_bf16() -> bool:
@@ -266,6 +267,7 @@ class Encoder(nn.Module):
         self.base_model = base_model
         # As sentence-transformers: name -> instruction, chosen by encode(prompt_name=...) or default_prompt_name.
         self.prompts, self.default_prompt_name = check_prompts(prompts, default_prompt_name)
+        self._similarity_fn_name = "cosine"
         self.padding_side = getattr(tokenizer, "padding_side", "right") or "right"
         self._pad_id = self._pick_pad_id()
         self._takes_position_ids = "position_ids" in inspect.signature(self._forward_target().forward).parameters
@@ -472,6 +474,19 @@ class Encoder(nn.Module):
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.dim
+
+    def get_embedding_dimension(self) -> int:
+        """sentence-transformers 6's name for :attr:`dim`."""
+        return self.dim
+
+    @property
+    def max_seq_length(self) -> int:
+        """sentence-transformers' name for :attr:`max_length` (settable, same checks)."""
+        return self.max_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self.max_length = _check_max_length(value)
 
     # ------------------------------------------------------------- tokenization
     def _forward_target(self) -> nn.Module:
@@ -870,18 +885,39 @@ class Encoder(nn.Module):
             raise FloatingPointError(f"the model produced non-finite (NaN/inf) embeddings in {self.dtype}.{hint}")
         return emb
 
-    def similarity(self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
-        """Cosine similarity matrix between two sets of embeddings (``b`` defaults to ``a``).
+    @property
+    def similarity_fn_name(self) -> str:
+        """What :meth:`similarity` computes: "cosine" (default), "dot", "euclidean" or "manhattan" (the negative
+        distances), as sentence-transformers' ``similarity_fn_name``."""
+        return self._similarity_fn_name
 
-        Each side is one vector or an (n, dim) matrix: numpy, lists, or torch tensors of any float dtype and
-        device (e.g. ``forward``'s output, which requires grad).
+    @similarity_fn_name.setter
+    def similarity_fn_name(self, name: str) -> None:
+        name = getattr(name, "value", name)  # sentence_transformers.SimilarityFunction members
+        if name not in SIMILARITY_FNS:
+            raise ValueError(f"similarity_fn_name must be one of {', '.join(map(repr, SIMILARITY_FNS))}, "
+                             f"got {name!r}.")
+        self._similarity_fn_name = name
+
+    def similarity(self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+        """Similarity matrix between two sets of embeddings (``b`` defaults to ``a``), by ``similarity_fn_name``
+        (cosine unless set).
+
+        Each side is one vector or an (n, dim) matrix: numpy, lists (of vectors or 1-D tensors, as
+        ``encode(convert_to_numpy=False)`` returns), or torch tensors of any dtype and device (e.g. ``forward``'s
+        output, which requires grad). Unlike sentence-transformers (a torch tensor), the result is numpy.
         """
         ta = _as_matrix(a, "a")
         tb = ta if b is None else _as_matrix(b, "b")
         if ta.shape[1] != tb.shape[1]:
             raise ValueError(f"similarity: a has dimension {ta.shape[1]} but b has {tb.shape[1]}; both must be "
                              "embeddings of the same size.")
-        return (torch.nn.functional.normalize(ta, dim=-1) @ torch.nn.functional.normalize(tb, dim=-1).T).numpy()
+        fn = self.similarity_fn_name
+        if fn == "cosine":
+            ta, tb = torch.nn.functional.normalize(ta, dim=-1), torch.nn.functional.normalize(tb, dim=-1)
+        if fn in ("cosine", "dot"):
+            return (ta @ tb.T).numpy()
+        return (-torch.cdist(ta, tb, p=2.0 if fn == "euclidean" else 1.0)).numpy()
 
 
 def embedding_dim(config: Any) -> int | None:
@@ -898,6 +934,8 @@ def embedding_dim(config: Any) -> int | None:
 
 def _as_matrix(x: Any, name: str) -> torch.Tensor:
     """A float32 CPU (n, dim) tensor from a vector or matrix (numpy, list, or any torch tensor)."""
+    if isinstance(x, (list, tuple)) and x and all(isinstance(v, torch.Tensor) for v in x):
+        x = torch.stack([v.detach().to("cpu") for v in x])
     t = x.detach().to("cpu", torch.float32) if isinstance(x, torch.Tensor) else torch.as_tensor(
         np.asarray(x, dtype=np.float32))
     t = torch.atleast_2d(t)

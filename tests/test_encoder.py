@@ -870,3 +870,28 @@ def test_st_device_and_output_value():
     for kw in ({"chunk_size": 10}, {"task": "query"}, {"prompt_nam": "query"}):
         with pytest.raises(TypeError, match="unexpected keyword argument"):
             enc.encode(TEXTS, **kw)
+
+
+@pytest.mark.parametrize("fn", ["cosine", "dot", "euclidean", "manhattan"])
+def test_similarity_fn_name_matches_sentence_transformers(fn):
+    util = pytest.importorskip("sentence_transformers.util")
+    enc = tiny_encoder()
+    a, b = enc.encode(TEXTS), enc.encode(MANY)
+    enc.similarity_fn_name = fn
+    st_fn = {"cosine": util.cos_sim, "dot": util.dot_score, "euclidean": util.euclidean_sim,
+             "manhattan": util.manhattan_sim}[fn]
+    np.testing.assert_allclose(enc.similarity(a, b), st_fn(a, b).numpy(), rtol=1e-4, atol=1e-4)
+    rows = enc.encode(TEXTS, convert_to_numpy=False)  # a list of tensors, as ST's similarity takes
+    np.testing.assert_allclose(enc.similarity(rows, b), enc.similarity(a, b), atol=1e-5)
+
+
+def test_similarity_fn_name_and_st_aliases():
+    enc = tiny_encoder()
+    assert enc.similarity_fn_name == "cosine"
+    with pytest.raises(ValueError, match="similarity_fn_name must be one of"):
+        enc.similarity_fn_name = "maxsim"
+    assert enc.get_embedding_dimension() == enc.dim == 32
+    enc.max_seq_length = 16
+    assert enc.max_length == 16 == enc.max_seq_length
+    with pytest.raises(ValueError, match="max_length"):
+        enc.max_seq_length = 0
