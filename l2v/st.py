@@ -58,7 +58,11 @@ def st_compatibility(encoder: Encoder) -> tuple[bool, str]:
 def write_sentence_transformers_files(encoder: Encoder, directory: str | os.PathLike,
                                       prompts: dict[str, str] | None = None) -> Path:
     """Write modules.json, sentence_bert_config.json, config_sentence_transformers.json and 1_Pooling/ into a
-    directory that already holds the encoder's weights and tokenizer (``Encoder.save_pretrained``)."""
+    directory that already holds the encoder's weights and tokenizer (``Encoder.save_pretrained``).
+
+    ``prompts``: ST's named prompts; ``None``: the encoder's own (``encoder.prompts``, with its
+    ``default_prompt_name``), so ``SentenceTransformer(dir).encode(prompt_name=...)`` picks the same instruction.
+    """
     out = Path(directory)
     exact, reason = st_compatibility(encoder)
     if not exact:
@@ -97,8 +101,8 @@ def write_sentence_transformers_files(encoder: Encoder, directory: str | os.Path
     _write_json(out / "sentence_bert_config.json", bert_cfg)
     _write_json(out / "config_sentence_transformers.json", {
         "model_type": "SentenceTransformer",
-        "prompts": dict(prompts or {"query": "", "document": ""}),
-        "default_prompt_name": None,
+        "prompts": dict(prompts if prompts is not None else encoder.prompts or {"query": "", "document": ""}),
+        "default_prompt_name": encoder.default_prompt_name if prompts is None else None,
         "similarity_fn_name": "cosine",
     })
     _write_json(out / "1_Pooling" / "config.json", {

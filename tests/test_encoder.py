@@ -895,3 +895,21 @@ def test_similarity_fn_name_and_st_aliases():
     assert enc.max_length == 16 == enc.max_seq_length
     with pytest.raises(ValueError, match="max_length"):
         enc.max_seq_length = 0
+
+
+def test_export_carries_prompts_to_sentence_transformers(tmp_path):
+    """The same call on both sides gives the same vectors: an exported encoder's prompts and default_prompt_name
+    become sentence-transformers' (they used to be replaced by empty "query"/"document" prompts)."""
+    st = pytest.importorskip("sentence_transformers")
+    from tiny import save_tiny
+
+    from l2v.export import export
+
+    base = save_tiny("llama", tmp_path / "base")
+    enc = Encoder.from_pretrained(base, dtype="float32", device="cpu", max_length=24,
+                                  prompts={"query": "Retrieve passages:", "document": ""}, default_prompt_name="query")
+    model = st.SentenceTransformer(str(export(enc, tmp_path / "exp")), device="cpu")
+    assert model.prompts == enc.prompts and model.default_prompt_name == "query"
+    for call in ("encode", "encode_query", "encode_document"):
+        np.testing.assert_allclose(getattr(model, call)(TEXTS, convert_to_numpy=True), getattr(enc, call)(TEXTS),
+                                   atol=1e-5)
