@@ -568,6 +568,24 @@ def test_cli_serve_instruction_and_prompts(monkeypatch, capsys):
         assert message in capsys.readouterr().err, argv
 
 
+def test_cli_serve_uses_the_encoders_saved_prompts(monkeypatch, capsys):
+    """An encoder saved with prompts (Encoder.prompts / default_prompt_name) is served with them: --prompt wins
+    per name, and default_prompt_name is the default instruction unless --instruction is given."""
+    from l2v.cli import main
+
+    seen = {}
+    saved = type("E", (), {"dim": 8, "device": "cpu", "default_prompt_name": "query",
+                           "prompts": {"query": "Given a web search query: ", "document": ""}})
+    monkeypatch.setattr("l2v.commands.serve.load_from_args", lambda args: saved)
+    monkeypatch.setattr("l2v.serve.serve", lambda encoder, config, **kw: seen.__setitem__("config", config))
+    assert main(["serve"]) == 0
+    assert seen["config"].prompts == saved.prompts and seen["config"].instruction == "Given a web search query: "
+    assert "prompts: query, document; default instruction set" in capsys.readouterr().err
+    assert main(["serve", "--prompt", "query=Q: ", "--prompt", "qa=A: ", "--instruction", "I: "]) == 0
+    assert seen["config"].prompts == {"query": "Q: ", "document": "", "qa": "A: "}
+    assert seen["config"].instruction == "I: "
+
+
 # ------------------------------------------------------------------------------- text-embeddings-inference
 TEI_PATHS = ["/embed", "/"]  # "/" is TEI's route for an embedding model (huggingface_hub's InferenceClient)
 

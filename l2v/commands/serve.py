@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from typing import Any
 
 from .inference import add_model_args, int_in, load_from_args
 
@@ -37,12 +39,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                          normalize=not args.no_normalize, instruction=args.instruction, prompts=prompts)
     encoder = load_from_args(args)
+    config = with_saved_prompts(config, encoder, cli_instruction=args.instruction)
+    prompts = config.prompts
     print(f"l2v serve: {config.model_name} (dim {encoder.dim}, {encoder.device}) on http://{args.host}:{args.port}"
           f"/v1/embeddings and /embed (TEI){' (API key required)' if api_key else ''}"
           + (f"; prompts: {', '.join(prompts)}" if prompts else "")
-          + ("; default instruction set" if args.instruction else ""), file=sys.stderr)
+          + ("; default instruction set" if config.instruction else ""), file=sys.stderr)
     serve(encoder, config, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def with_saved_prompts(config: Any, encoder: Any, cli_instruction: str | None) -> Any:
+    """The encoder's saved prompts (``Encoder.prompts``, e.g. from an export) serve too; ``--prompt`` wins per
+    name. Without ``--instruction`` its ``default_prompt_name`` is the default instruction, as in
+    sentence-transformers, so a model saved with a query prompt needs no flags to be served as it encodes."""
+    saved = dict(getattr(encoder, "prompts", None) or {})
+    default_name = getattr(encoder, "default_prompt_name", None)
+    if not saved:
+        return config
+    instruction = config.instruction
+    if cli_instruction is None and default_name is not None:
+        instruction = saved[default_name] or None
+    return dataclasses.replace(config, prompts={**saved, **config.prompts}, instruction=instruction)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
