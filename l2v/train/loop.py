@@ -405,9 +405,14 @@ def train(
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
                                                        else float("inf"))
             lr = scheduler.get_last_lr()[0]
+            scale = scaler.get_scale() if scaler.is_enabled() else 0.0
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            if not scaler.is_enabled() or scaler.get_scale() >= scale:
+                # fp16: a step with inf/NaN gradients is skipped (the scale drops); the schedule waits for the
+                # first real step, as transformers' Trainer does (torch warned "lr_scheduler.step() before
+                # optimizer.step()" and the warm-up lost a step per overflow)
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             last = {**totals, "lr": lr, "grad_norm": float(grad_norm), "step_s": time.perf_counter() - t_step,

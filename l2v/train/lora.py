@@ -206,7 +206,9 @@ def build_trainable(
     if cfg.bidirectional:
         make_bidirectional(base)
     if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed it (the old name warns FutureWarning on every run); 4.x has only the old one
+        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=_lora_targets(cfg.lora_targets), bias="none")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -190,8 +191,10 @@ def test_fp16_trains_with_loss_scaling(tiny_dir, tmp_path):
     first fp16 step (what --dtype auto picks on a T4/V100) failed in unscale_ ("_scale is None")."""
     for name, chunk in (("plain", 0), ("gc", 2)):
         run = tmp_path / name
-        summary = train_supervised(_cfg(tiny_dir, tmp_path, dtype="float16", steps=7, gradcache_chunk=chunk,
-                                        save_every=7, log_every=1, output_dir=str(run)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # torch: "lr_scheduler.step() before optimizer.step()"
+            summary = train_supervised(_cfg(tiny_dir, tmp_path, dtype="float16", steps=7, gradcache_chunk=chunk,
+                                            save_every=7, log_every=1, output_dir=str(run)))
         assert summary["final_loss"] == summary["final_loss"]  # finite, not NaN
         norms = [m["grad_norm"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                  if m.get("split") == "train"]
@@ -199,6 +202,8 @@ def test_fp16_trains_with_loss_scaling(tiny_dir, tmp_path):
         assert any(float(v.abs().sum()) > 0 for k, v in _adapter(run).items() if "lora_B" in k)  # it trained
         state = torch.load(next((run / "checkpoints").iterdir()) / "state.pt", weights_only=True)
         assert state["scaler"]["scale"] > 1  # the loss scale is live and saved for a resume
+        # the schedule advanced only on the steps the optimizer took (overflowing ones skipped it)
+        assert 0 < state["scheduler"]["last_epoch"] < 7, state["scheduler"]
 
 
 def test_each_step_draws_rank_own_dropout(tiny_dir, tmp_path, monkeypatch):
