@@ -30,7 +30,9 @@ _FLAG = "_l2v_causal_modules"
 _UNSUPPORTED_ATTN = {"flex_attention"}
 # Bidirectional sliding-window layers attend to every token: transformers' bidirectional sliding-window mask still
 # cuts at |i - j| > config.sliding_window, so the config's window is widened past any sequence length (it must stay
-# an int: hybrid models such as Gemma 2/3 always build the sliding mask, which raises without one).
+# an int: hybrid models such as Gemma 2/3 always build the sliding mask, which raises without one). Attention modules
+# get the same int, not None: Cohere 2 and Flint apply rotary only `if self.sliding_window is not None`, and flash
+# attention applies a window only when the keys outnumber it.
 FULL_WINDOW = 2**31 - 1
 
 
@@ -123,8 +125,8 @@ def make_bidirectional(model: nn.Module, check: bool = True) -> nn.Module:
         m.is_causal = False
     for cfg in configs:
         cfg.is_causal = False
-    for obj, _ in windows:  # full attention: configs get a window no text reaches, attention modules none
-        obj.sliding_window = None if isinstance(obj, nn.Module) else FULL_WINDOW
+    for obj, _ in windows:  # full attention: a window no text reaches
+        obj.sliding_window = FULL_WINDOW
     setattr(base, _FLAG, (changed, previous, windows))
     if check and not check_bidirectional(base):
         make_causal(base)

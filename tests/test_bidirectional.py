@@ -219,6 +219,8 @@ def _windowed(arch: str, impl: str, window: int) -> nn.Module:
     elif arch == "qwen2":
         cfg = tf.Qwen2Config(**common, use_sliding_window=True, sliding_window=window, max_window_layers=0,
                              layer_types=["sliding_attention", "full_attention"])
+    elif arch == "cohere2":  # rotary only on sliding layers (`if self.sliding_window is not None`)
+        cfg = tf.Cohere2Config(**common, sliding_window=window, layer_types=["sliding_attention", "full_attention"])
     else:
         cfg = tf.Gemma2Config(**common, head_dim=8, sliding_window=window,
                               layer_types=["sliding_attention", "full_attention"])
@@ -226,11 +228,14 @@ def _windowed(arch: str, impl: str, window: int) -> nn.Module:
     return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).eval()
 
 
-@pytest.mark.parametrize("arch,impl", [(a, i) for a in ("mistral", "qwen2") for i in IMPLS] + [("gemma2", "eager")])
+@pytest.mark.parametrize("arch,impl", [(a, i) for a in ("mistral", "qwen2") for i in IMPLS]
+                         + [("gemma2", "eager"), ("cohere2", "sdpa")])
 def test_sliding_window_layers_become_full_attention(arch, impl):
     """Bidirectional sliding-window layers attend to every token (README; LLM2Vec). transformers' bidirectional
     sliding mask kept the window (|i - j| <= window), so a padded text longer than the window differed from the
-    same text packed (full attention per text) and the first token never saw tokens beyond the window."""
+    same text packed (full attention per text) and the first token never saw tokens beyond the window.
+    Cohere 2 applies rotary only where its attention module's window is not None: setting it to None dropped
+    the positions of every sliding layer."""
     model = _windowed(arch, impl, window=3)
     ids = _ids(12, batch=2)
     positions = torch.arange(12).expand(2, -1)
@@ -247,3 +252,4 @@ def test_sliding_window_layers_become_full_attention(arch, impl):
     windows = {getattr(m, "sliding_window", None) for m in model.modules() if hasattr(m, "sliding_window")}
     assert model.config.sliding_window == 3 and windows <= {None, 3}
     assert torch.allclose(_hidden(model, ids), _hidden(_windowed(arch, impl, window=3), ids), atol=1e-6)
+
