@@ -76,6 +76,29 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
 
 
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks: the ``ModuleList`` of ``num_hidden_layers`` same-class modules.
+
+    Older architectures (BLOOM, MPT, CodeGen, XGLM) build their mask with transformers' ``create_causal_mask`` (so
+    ``config.is_causal`` is honoured) but their attention modules expose no ``is_causal``; their blocks are what
+    :func:`check_bidirectional` probes instead.
+    """
+    config = getattr(model, "config", None)
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = getattr(text_cfg, "num_hidden_layers", None)
+    for m in model.modules():
+        if (isinstance(m, nn.ModuleList) and len(m) > 0 and len(m) == n_layers
+                and len({type(layer) for layer in m}) == 1):
+            return list(m)
+    return []
+
+
+def _probed_modules(model: nn.Module) -> list[nn.Module]:
+    """Attention modules where they expose ``is_causal``, else the decoder blocks (mixing across positions only
+    through attention, so a block whose first-token output ignores the last token is causal just the same)."""
+    return _attention_modules(model) or _decoder_layers(model)
+
+
 def is_limited_window(value: object) -> bool:
     """Whether a ``sliding_window`` setting actually limits attention (an int below :data:`FULL_WINDOW`)."""
     return isinstance(value, int) and not isinstance(value, bool) and value < FULL_WINDOW
@@ -98,10 +121,11 @@ def _check_supported(model: nn.Module) -> None:
             f"{name}: attention implementation {impl!r} is not supported for bidirectional attention; "
             "load the model with attn_implementation='sdpa' or 'eager'."
         )
-    if not _attention_modules(base):
+    if not _probed_modules(base):
         raise UnsupportedArchitectureError(
-            f"{name}: no attention module exposes `is_causal`, so this architecture does not use the shared "
-            "transformers attention path and cannot be made bidirectional generically."
+            f"{name}: no attention module exposes `is_causal` and no decoder layers were found, so this "
+            "architecture does not use the shared transformers attention path and cannot be made bidirectional "
+            "generically."
         )
 
 
@@ -119,6 +143,8 @@ def make_bidirectional(model: nn.Module, check: bool = True) -> nn.Module:
     changed = [m for m in _attention_modules(base) if m.is_causal]
     configs = _configs(base)
     previous = [(cfg, getattr(cfg, "is_causal", None)) for cfg in configs]
+    if check and not _attention_modules(base):
+        _check_mask_follows_config(base, previous)
     windows = [(obj, obj.sliding_window) for obj in [*configs, *_attention_modules(base)]
                if is_limited_window(getattr(obj, "sliding_window", None))]
     for m in changed:
@@ -128,14 +154,47 @@ def make_bidirectional(model: nn.Module, check: bool = True) -> nn.Module:
     for obj, _ in windows:  # full attention: a window no text reaches
         obj.sliding_window = FULL_WINDOW
     setattr(base, _FLAG, (changed, previous, windows))
-    if check and not check_bidirectional(base):
+    try:
+        sees = not check or check_bidirectional(base)
+    except Exception as exc:  # e.g. MPT: `create_causal_mask(...).to(bool)` fails on the skipped (None) mask
         make_causal(base)
+        raise UnsupportedArchitectureError(
+            f"{architecture_name(base)}: its forward fails with bidirectional attention ({type(exc).__name__}: "
+            f"{str(exc).strip()[:200]}). This architecture is not supported by l2v's generic mechanism."
+        ) from exc
+    if not sees:
+        make_causal(base)
+        hint = "" if _attention_modules(base) else (
+            " No attention module exposes `is_causal` and its decoder layers stayed causal: a recurrent / "
+            "state-space model or a hard-coded causal mask.")
         raise UnsupportedArchitectureError(
             f"{architecture_name(base)}: attention stayed causal after enabling bidirectional attention "
             "(its mask is not built by transformers' shared masking utilities). This architecture is not "
-            "supported by l2v's generic mechanism."
+            f"supported by l2v's generic mechanism.{hint}"
         )
     return model
+
+
+def _check_mask_follows_config(base: nn.Module, previous: list) -> None:
+    """Without ``is_causal`` on its attention modules, a model is supported only if ``config.is_causal`` is what
+    makes it causal: it must be causal with the flag set. CPM-Ant builds its own (already bidirectional) mask and
+    ignores ``attention_mask``, so a padded text silently differed from the same text alone."""
+    for cfg, _ in previous:
+        cfg.is_causal = True
+    try:
+        causal = not check_bidirectional(base)
+    finally:
+        for cfg, value in previous:
+            if value is None:
+                cfg.__dict__.pop("is_causal", None)
+            else:
+                cfg.is_causal = value
+    if not causal:
+        raise UnsupportedArchitectureError(
+            f"{architecture_name(base)}: its attention is not causal to begin with and no attention module exposes "
+            "`is_causal`, so its mask is built by its own code (not transformers' masking utilities) and l2v "
+            "cannot control attention or padding. This architecture is not supported by l2v's generic mechanism."
+        )
 
 
 def make_causal(model: nn.Module) -> nn.Module:
@@ -227,7 +286,7 @@ def check_bidirectional(model: nn.Module, length: int = 6) -> bool:
             sees[id(module)] = not torch.allclose(first[0], first[1], atol=1e-6, rtol=0)
 
     handles = []
-    for m in _attention_modules(base):
+    for m in _probed_modules(base):
         handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(m.register_forward_hook(hook, with_kwargs=True))
     was_training = base.training

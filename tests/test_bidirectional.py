@@ -253,3 +253,81 @@ def test_sliding_window_layers_become_full_attention(arch, impl):
     assert model.config.sliding_window == 3 and windows <= {None, 3}
     assert torch.allclose(_hidden(model, ids), _hidden(_windowed(arch, impl, window=3), ids), atol=1e-6)
 
+
+# ------------------------------------------------------------------ attention modules without is_causal
+def _legacy(arch: str) -> nn.Module:
+    """Older architectures whose mask comes from ``create_causal_mask`` but whose attention has no ``is_causal``."""
+    common = dict(vocab_size=320, num_hidden_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "bloom":
+        cfg = tf.BloomConfig(**common, hidden_size=32, n_head=4)
+    elif arch == "codegen":
+        cfg = tf.CodeGenConfig(**common, hidden_size=32, num_attention_heads=4, rotary_dim=4, n_inner=64,
+                               max_position_embeddings=64)
+    elif arch == "xglm":
+        cfg = tf.XGLMConfig(**common, hidden_size=32, num_attention_heads=4, ffn_dim=64, max_position_embeddings=64)
+    else:
+        cfg = tf.MptConfig(**common, hidden_size=32, num_attention_heads=4, expansion_ratio=2, max_seq_len=64)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("arch", ["bloom", "codegen", "xglm"])
+def test_architectures_without_is_causal_probed_by_decoder_layer(arch):
+    """BLOOM, CodeGen and XGLM were rejected ("no attention module exposes is_causal") although their masks follow
+    ``config.is_causal``; their decoder layers are probed instead."""
+    model = _legacy(arch)
+    ids = _ids(7)
+    other = ids.clone()
+    other[0, -1] = ids[0, -1] + 1
+    causal = _hidden(model, ids)
+    make_bidirectional(model)
+    assert is_bidirectional(model) and check_bidirectional(model)
+    assert (_hidden(model, ids)[:, 0] - _hidden(model, other)[:, 0]).abs().max() > 1e-4
+    padded = torch.cat([ids, torch.zeros((1, 3), dtype=torch.long)], dim=1)  # padding stays masked
+    mask = torch.cat([torch.ones((1, 7)), torch.zeros((1, 3))], dim=1).long()
+    assert torch.allclose(_hidden(model, ids), _hidden(model, padded, attention_mask=mask)[:, :7], atol=1e-5)
+    make_causal(model)
+    assert not check_bidirectional(model) and torch.allclose(_hidden(model, ids), causal, atol=1e-6)
+
+
+def test_forward_failing_when_bidirectional_raises_and_restores():
+    """MPT's `create_causal_mask(...).to(bool)` fails on the skipped bidirectional mask: the AttributeError escaped
+    make_bidirectional and left the model flagged bidirectional with its configs flipped."""
+    model = _legacy("mpt")
+    with pytest.raises(UnsupportedArchitectureError, match="MptForCausalLM.*forward fails"):
+        make_bidirectional(model)
+    assert not is_bidirectional(model) and getattr(model.config, "is_causal", True) is True
+    _hidden(model, _ids(5))  # still runs causally
+
+
+class _FullAttentionLayer(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+
+    def forward(self, x):
+        return x + torch.nn.functional.scaled_dot_product_attention(*self.qkv(x).chunk(3, dim=-1))
+
+
+class _OwnMaskModel(tf.PreTrainedModel):
+    """Builds its own (bidirectional) mask and ignores attention_mask and config.is_causal, as CPM-Ant does."""
+
+    config_class = _ToyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([_FullAttentionLayer(config.hidden_size)])
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kw):
+        h = self.layers[0](self.embed(input_ids))
+        return tf.modeling_outputs.BaseModelOutput(last_hidden_state=h, hidden_states=(h,))
+
+
+def test_model_with_its_own_mask_rejected():
+    """Without is_causal on attention modules, config.is_causal must be what makes the model causal: CPM-Ant
+    (already bidirectional, padding ignored) passed the layer probe and its padded texts were silently wrong."""
+    model = _OwnMaskModel(_ToyConfig(architectures=["ToyOwnMaskModel"], num_hidden_layers=1)).eval()
+    with pytest.raises(UnsupportedArchitectureError, match="ToyOwnMaskModel.*not causal to begin with"):
+        make_bidirectional(model)
+    assert not is_bidirectional(model)
