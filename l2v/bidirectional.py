@@ -10,6 +10,7 @@ never silently left causal.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,6 +25,7 @@ __all__ = [
     "check_bidirectional",
     "causal_attention",
     "architecture_name",
+    "causal_layers",
 ]
 
 _FLAG = "_l2v_causal_modules"
@@ -76,7 +78,7 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+def _decoder_layers(model: nn.Module, same_class: bool = True) -> list[nn.Module]:
     """The model's transformer blocks: the ``ModuleList`` of ``num_hidden_layers`` same-class modules.
 
     Older architectures (BLOOM, MPT, CodeGen, XGLM) build their mask with transformers' ``create_causal_mask`` (so
@@ -88,7 +90,7 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     n_layers = getattr(text_cfg, "num_hidden_layers", None)
     for m in model.modules():
         if (isinstance(m, nn.ModuleList) and len(m) > 0 and len(m) == n_layers
-                and len({type(layer) for layer in m}) == 1):
+                and (not same_class or len({type(layer) for layer in m}) == 1)):
             return list(m)
     return []
 
@@ -172,6 +174,10 @@ def make_bidirectional(model: nn.Module, check: bool = True) -> nn.Module:
             "(its mask is not built by transformers' shared masking utilities). This architecture is not "
             f"supported by l2v's generic mechanism.{hint}"
         )
+    if check and _attention_modules(base) and (stayed := causal_layers(base)):
+        warnings.warn(f"{architecture_name(base)}: decoder layers {stayed} stay causal (recurrent, state-space, "
+                      "convolution or linear-attention token mixing); only its attention layers are bidirectional.",
+                      stacklevel=2)
     return model
 
 
@@ -262,6 +268,25 @@ def check_bidirectional(model: nn.Module, length: int = 6) -> bool:
     changed the model's output. A causal model cannot pass either check.
     """
     base = _unwrap(model)
+    sees, output = _probe(base, _probed_modules(base), length)
+    return all(sees.values()) and output
+
+
+def causal_layers(model: nn.Module, length: int = 6) -> list[int]:
+    """Indices of the decoder layers whose first token still ignores the last one (on a bidirectional model).
+
+    Hybrid models (Qwen3-Next, Jamba, Nemotron-H, LFM2, ...) mix tokens in some layers with recurrent, state-space,
+    convolution or linear-attention blocks, which stay causal: only their attention layers become bidirectional.
+    """
+    base = _unwrap(model)
+    layers = _decoder_layers(base, same_class=False)
+    sees, _ = _probe(base, layers, length)
+    return [i for i, layer in enumerate(layers) if not sees.get(id(layer), True)]
+
+
+@torch.inference_mode()
+def _probe(base: nn.Module, modules: list[nn.Module], length: int) -> tuple[dict[int, bool], bool]:
+    """Per module (by id): does its first-token output change with the last token; and does the model's output."""
     ids = _probe_ids(base, length)
     device = next(base.parameters()).device
     ids = ids.to(device)
@@ -286,7 +311,7 @@ def check_bidirectional(model: nn.Module, length: int = 6) -> bool:
             sees[id(module)] = not torch.allclose(first[0], first[1], atol=1e-6, rtol=0)
 
     handles = []
-    for m in _probed_modules(base):
+    for m in modules:
         handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(m.register_forward_hook(hook, with_kwargs=True))
     was_training = base.training
@@ -299,4 +324,4 @@ def check_bidirectional(model: nn.Module, length: int = 6) -> bool:
         for h in handles:
             h.remove()
     first = out.hidden_states[-1][:, 0].float()
-    return all(sees.values()) and not torch.allclose(first[0], first[1], atol=1e-6, rtol=0)
+    return sees, not torch.allclose(first[0], first[1], atol=1e-6, rtol=0)

@@ -11,6 +11,7 @@ from torch import nn
 from l2v.bidirectional import (
     UnsupportedArchitectureError,
     causal_attention,
+    causal_layers,
     check_bidirectional,
     is_bidirectional,
     make_bidirectional,
@@ -331,3 +332,18 @@ def test_model_with_its_own_mask_rejected():
     with pytest.raises(UnsupportedArchitectureError, match="ToyOwnMaskModel.*not causal to begin with"):
         make_bidirectional(model)
     assert not is_bidirectional(model)
+
+
+def test_hybrid_model_warns_which_layers_stay_causal():
+    """Qwen3-Next's linear-attention layers stay causal; make_bidirectional passed silently as if every layer were
+    bidirectional."""
+    cfg = tf.Qwen3NextConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=2,
+                             num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                             linear_value_head_dim=8)
+    torch.manual_seed(0)
+    model = tf.AutoModel.from_config(cfg, attn_implementation="sdpa").eval()
+    with pytest.warns(UserWarning, match=r"Qwen3NextModel.*layers \[0, 1, 2\] stay causal"):
+        make_bidirectional(model)
+    assert is_bidirectional(model) and causal_layers(model) == [0, 1, 2]
