@@ -5,7 +5,9 @@ layer then multiplies exactly ``T`` real rows (no padding FLOPs, one large matmu
 in fp32 on CPU, l2v's attention kernel (:mod:`l2v.kernels.attention`) takes the whole row with the texts' lengths
 (and l2v's one-pass rotary replaces transformers' where a probe shows them identical); otherwise texts of equal
 length are contiguous (the encoder packs them sorted by length), so each run of ``n`` texts of length ``L`` is a
-free ``(n, heads, L, head_dim)`` view handed to transformers' own SDPA attention without a mask.
+free ``(n, heads, L, head_dim)`` view handed, without padding, to the attention function the model was configured
+with before packing (its own ``eager_attention_forward`` for ``"eager"``, so extras SDPA ignores such as Gemma 2's
+logit soft-capping or gpt-oss's attention sinks are honoured; transformers' SDPA for ``"sdpa"``).
 
 The mechanism is generic: it registers one attention function in transformers' ``AttentionInterface`` and
 switches ``config._attn_implementation`` to it only for the duration of a packed forward. Models that do not
@@ -15,8 +17,9 @@ route attention through that interface (or ignore ``position_ids``) would silent
 
 from __future__ import annotations
 
+import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 
@@ -29,6 +32,8 @@ from .kernels.rotary import fused_rotary
 
 IMPL = "l2v_varlen"
 _GROUPS: ContextVar[list[tuple[int, int, int]] | None] = ContextVar("l2v_varlen_groups", default=None)
+# id(config) -> its _attn_implementation before packed_attention switched it (what each group's attention runs)
+_PREVIOUS: ContextVar[dict[int, str | None] | None] = ContextVar("l2v_varlen_previous", default=None)
 _SWITCH_LOCK = threading.RLock()
 
 
@@ -49,8 +54,6 @@ def length_groups(lengths: Sequence[int]) -> list[tuple[int, int, int]]:
 def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
     """Attention for a packed row: ``query`` (1, heads, T, hd) -> (1, T, heads, hd), texts kept apart."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = _GROUPS.get()
     if groups is None:
         raise RuntimeError(f"attn_implementation={IMPL!r} is only valid inside l2v.packing.packed_attention().")
@@ -61,14 +64,46 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         lengths = [length for _, n, length in groups for _ in range(n)]
         out = attention_kernel.varlen_attention(query, key, value, lengths, kwargs.get("scaling"), causal)
         return out.unsqueeze(0), None
+    attend, eager = _group_attention(module)
     outs = []
     for start, n, length in groups:
         span = slice(start, start + n * length)
         q, k, v = (t[0, :, span].unflatten(1, (n, length)).transpose(0, 1) for t in (query, key, value))
-        out, _ = sdpa_attention_forward(module, q, k, v, None, is_causal=causal, **kwargs)  # (n, L, heads, hd)
+        if eager:  # additive mask (it ignores is_causal); None is full attention
+            mask = _causal_mask(length, q.dtype, q.device) if causal else None
+            out, _ = attend(module, q, k, v, mask, **kwargs)
+        else:
+            out, _ = attend(module, q, k, v, None, is_causal=causal, **kwargs)  # (n, L, heads, hd)
         outs.append(out.reshape(n * length, *out.shape[2:]))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
     return out.unsqueeze(0), None
+
+
+def _group_attention(module: nn.Module) -> tuple[Callable, bool]:
+    """The attention function ``module`` ran before packing, and whether it is an eager one (mask, no is_causal).
+
+    Per-group attention must be the model's own: its ``eager_attention_forward`` honours arguments transformers'
+    SDPA ignores or rejects (``softcap``, gpt-oss's sinks), which is what the padded path computes. ``"sdpa"``
+    (and anything unknown) keeps transformers' SDPA; other registered implementations are looked up by name.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    previous = _PREVIOUS.get() or {}
+    impl = previous.get(id(getattr(module, "config", None)))
+    if impl == "eager":
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if callable(fn):
+            return fn, True
+    elif impl not in (None, "sdpa", IMPL) and impl in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[impl], False
+    return sdpa_attention_forward, False
+
+
+def _causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 1, L, L) additive causal mask as transformers' eager functions add it (broadcast over texts, heads)."""
+    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
+    return mask[None, None]
 
 
 _KERNELS: ContextVar[bool] = ContextVar("l2v_varlen_kernels", default=True)
@@ -132,6 +167,7 @@ def packed_attention(model: nn.Module, lengths: Sequence[int]) -> Iterator[None]
     with _SWITCH_LOCK, rotary:  # the switch is model-wide: concurrent packed forwards wait
         configs = _configs(model)
         previous = [cfg._attn_implementation for cfg in configs]
+        remembered = _PREVIOUS.set({id(cfg): impl for cfg, impl in zip(configs, previous, strict=True)})
         try:
             for cfg in configs:
                 cfg._attn_implementation = IMPL
@@ -139,6 +175,7 @@ def packed_attention(model: nn.Module, lengths: Sequence[int]) -> Iterator[None]
         finally:
             for cfg, impl in zip(configs, previous, strict=True):
                 cfg._attn_implementation = impl
+            _PREVIOUS.reset(remembered)
             _GROUPS.reset(token)
 
 
