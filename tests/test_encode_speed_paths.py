@@ -88,6 +88,44 @@ def test_causal_model_packs_causally():
     assert check_packing(enc.model, 320)
 
 
+def _extras_model(arch: str) -> torch.nn.Module:
+    """Tiny Gemma 2 (attention logit soft-capping) or gpt-oss (attention sinks), eager as they load by default."""
+    import transformers as tf
+    from tiny import _COMMON
+
+    dims = dict(**_COMMON, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=64)
+    if arch == "gemma2":  # a small cap so that capping changes the scores of this random model
+        cfg = tf.Gemma2Config(**dims, attn_logit_softcapping=0.5)
+    else:
+        cfg = tf.GptOssConfig(**dims, num_local_experts=4, num_experts_per_tok=2,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    net = AutoModel.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if hasattr(m, "sinks"):  # random sinks with weight (the default init leaves them near 0)
+                m.sinks.normal_(0.0, 2.0)
+    return net
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss", "llama"])
+def test_packing_runs_the_models_own_eager_attention(arch, bidirectional):
+    """Per-group attention is the model's configured one: soft-capping and sinks are honoured (SDPA would
+    reject or ignore them and the probe would refuse packing), and causal texts get a causal mask."""
+    net = _extras_model(arch) if arch != "llama" else tiny_model("llama", "eager").base_model
+    if bidirectional:
+        make_bidirectional(net)
+    assert check_packing(net, 320), arch
+    enc = Encoder(net, tiny_tokenizer("right"), pooling="mean")
+    enc.packing = True
+    with attention_kernels(False):  # the per-group path (the kernel would run for eager llama)
+        got = enc.encode(TEXTS)
+    np.testing.assert_allclose(got, reference(enc), atol=1e-5, err_msg=arch)
+    assert net.config._attn_implementation == "eager"
+
+
 def test_bf16_packed_close_to_fp32():
     enc = make(packing=True)
     ref = reference(enc)
