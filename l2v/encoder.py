@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .batching import DEFAULT_MAX_TOKENS, STREAM_CHUNK, chunk_ranges, plan_batches
-from .bidirectional import causal_attention, is_bidirectional, make_bidirectional
+from .bidirectional import causal_attention, is_bidirectional, is_limited_window, make_bidirectional
 from .checkpoints import (
     L2V_CONFIG,
     L2VConfig,
@@ -689,12 +689,22 @@ class Encoder(nn.Module):
             return bool(self.packing)
         if self.device.type != "cpu" or not self._takes_position_ids:
             return False
+        if self._window_below_max_length():
+            return False
         if self._packing_probe is None:
             cfg = self._forward_target().config
             text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
             self._packing_probe = check_packing(self.model, int(getattr(text_cfg, "vocab_size", 2) or 2),
                                                 self._pad_id)
         return self._packing_probe
+
+    def _window_below_max_length(self) -> bool:
+        """A causal sliding-window model (Mistral, Gemma 2 left causal) whose window is shorter than ``max_length``:
+        packed rows carry no window mask, so a text longer than the window would differ from the padded path,
+        and the packing probe's short texts cannot show it. (make_bidirectional widens windows past any length.)"""
+        objs = [m.config for m in self.model.modules() if hasattr(m, "config")] + list(self.model.modules())
+        return any(is_limited_window(getattr(o, "sliding_window", None)) and o.sliding_window < self.max_length
+                   for o in objs)
 
     # ------------------------------------------------------------------- encode
     def encode(

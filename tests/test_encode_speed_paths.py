@@ -261,3 +261,20 @@ def test_attention_kernel_only_where_it_is_exact(monkeypatch):
     assert not _kernel_applies(q, k, v, {"softcap": 50.0})
     assert _kernel_applies(q, k, v, {"softcap": None})
     assert not _kernel_applies(q.double(), k.double(), v.double(), {})
+
+
+def test_causal_sliding_window_shorter_than_max_length_is_not_packed():
+    """Packed rows carry no sliding-window mask: a causal Mistral text longer than its window differs packed, and
+    the probe's short texts cannot show it, so automatic mode keeps the padded path (bidirectional: full window)."""
+    enc = make("mistral", bidirectional=False)
+    enc.model.config.sliding_window = 4
+    for m in enc.model.modules():
+        if getattr(m, "sliding_window", None) is not None:
+            m.sliding_window = 4
+    long_texts = [TEXTS[1], TEXTS[5], TEXTS[7]]
+    assert not enc.uses_packing()
+    padded = reference(enc, long_texts)
+    assert np.abs(enc.encode(long_texts) - padded).max() <= 1e-5
+    enc.packing = True  # forced: the window is lost (what automatic mode avoids)
+    assert np.abs(enc.encode(long_texts) - padded).max() > 1e-3
+    assert make("mistral").uses_packing()  # bidirectional: make_bidirectional widened the window
