@@ -267,10 +267,10 @@ def test_causal_sliding_window_shorter_than_max_length_is_not_packed():
     """Packed rows carry no sliding-window mask: a causal Mistral text longer than its window differs packed, and
     the probe's short texts cannot show it, so automatic mode keeps the padded path (bidirectional: full window)."""
     enc = make("mistral", bidirectional=False)
-    enc.model.config.sliding_window = 4
+    enc.model.config.sliding_window = 8  # above the packing probe's 5 tokens, below these texts
     for m in enc.model.modules():
         if getattr(m, "sliding_window", None) is not None:
-            m.sliding_window = 4
+            m.sliding_window = 8
     long_texts = [TEXTS[1], TEXTS[5], TEXTS[7]]
     assert not enc.uses_packing()
     padded = reference(enc, long_texts)
