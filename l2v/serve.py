@@ -507,17 +507,16 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
                  truncate: str | None = None) -> list[Tokenized]:
         """Token ids of each text; one longer than ``max_tokens`` is a 413, or with ``truncate`` ("right",
         "left": TEI's truncation_direction) loses that side's tokens beyond it."""
-        items = []
         with tokenize_lock:
-            for i, text in enumerate(texts):
-                try:
-                    if truncate is not None:
-                        items.append(encoder.tokenize_one(text, instruction, max_text_tokens=max_tokens,
-                                                          truncation_side=truncate))
-                        continue
-                    item = encoder.tokenize_one(text, instruction)
-                except ValueError as exc:  # a request's instruction that alone fills max_length
-                    raise APIError(400, str(exc), param="instruction", code="instruction_too_long") from None
+            try:  # one batched tokenizer call, the instruction tokenised once (Encoder.tokenize_many)
+                items = encoder.tokenize_many(texts, [instruction] * len(texts),
+                                              max_text_tokens=max_tokens if truncate is not None else None,
+                                              truncation_side=truncate or "right")
+            except ValueError as exc:  # a request's instruction that alone fills max_length
+                raise APIError(400, str(exc), param="instruction", code="instruction_too_long") from None
+            if truncate is not None:
+                return items
+            for i, (text, item) in enumerate(zip(texts, items, strict=True)):
                 n_text = max(item.end - item.start, 0)
                 if item.truncated or n_text > max_tokens:
                     where = key if len(texts) == 1 else f"{key}[{i}]"
@@ -529,7 +528,6 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
                                        code="max_input_tokens")
                     raise APIError(413, f"{where} is longer than max_input_tokens={max_tokens} tokens.",
                                    param=where, code="max_input_tokens")
-                items.append(item)
         return items
 
     async def encode(items: list[Tokenized]) -> torch.Tensor:

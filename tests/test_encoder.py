@@ -719,6 +719,10 @@ def test_tokenize_many_equals_tokenize_one(pooling):
     many = enc.tokenize_many(texts, instructions)
     assert many == [enc.tokenize_one(t, i) for t, i in zip(texts, instructions, strict=True)]
     assert any(t.truncated for t in many)  # the truncation path is exercised
+    for cap, side in ((3, "left"), (5, "right")):  # the server's cap and TEI's truncation_direction
+        assert enc.tokenize_many(texts, instructions, max_text_tokens=cap, truncation_side=side) == [
+            enc.tokenize_one(t, i, max_text_tokens=cap, truncation_side=side)
+            for t, i in zip(texts, instructions, strict=True)]
     with pytest.raises(ValueError, match="leaving no room for text"):
         enc.tokenize_many(["x"], ["word " * 40])
 
