@@ -79,20 +79,15 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _decoder_layers(model: nn.Module, same_class: bool = True) -> list[nn.Module]:
-    """The model's transformer blocks: the ``ModuleList`` of ``num_hidden_layers`` same-class modules.
+    """The model's transformer blocks (:func:`l2v.kernels.decoder_layers`), by default only when all are one class.
 
     Older architectures (BLOOM, MPT, CodeGen, XGLM) build their mask with transformers' ``create_causal_mask`` (so
     ``config.is_causal`` is honoured) but their attention modules expose no ``is_causal``; their blocks are what
     :func:`check_bidirectional` probes instead.
     """
-    config = getattr(model, "config", None)
-    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n_layers = getattr(text_cfg, "num_hidden_layers", None)
-    for m in model.modules():
-        if (isinstance(m, nn.ModuleList) and len(m) > 0 and len(m) == n_layers
-                and (not same_class or len({type(layer) for layer in m}) == 1)):
-            return list(m)
-    return []
+    from .kernels.linear import decoder_layers
+
+    return list(decoder_layers(model, same_class=same_class) or [])
 
 
 def _probed_modules(model: nn.Module) -> list[nn.Module]:

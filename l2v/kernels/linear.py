@@ -280,10 +280,11 @@ def convert_linears(model: nn.Module, keep: Iterable[nn.Module] = ()) -> int:
                          lambda m: Bf16Linear.from_module(m, fp32=id(m) in kept))
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+def decoder_layers(model: nn.Module, same_class: bool = False) -> nn.ModuleList | None:
     """The model's stack of decoder blocks (``layers``, GPT-2's ``h``, OPT's ``decoder.layers``...), or None.
 
-    Found generically: the ``nn.ModuleList`` whose length is the config's layer count.
+    Found generically: the ``nn.ModuleList`` whose length is the config's layer count (``same_class``: the first
+    such list whose blocks are all of one class; hybrid models mix block classes).
     """
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "get_text_config"):
@@ -292,7 +293,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     if not n:
         return None
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
+        if isinstance(module, nn.ModuleList) and len(module) == n and (
+                not same_class or len({type(block) for block in module}) == 1):
             return module
     return None
 
