@@ -228,16 +228,17 @@ def main() -> None:
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         peaks[name] = max(matmul_rate(2048, 2048, 2048, dt), matmul_rate(4096, 576, 1536, dt))
     dev = {"device": DEVICE}
-    enc16 = Encoder.from_pretrained(dtype="bfloat16", **dev)  # l2v's default: the bf16 CPU kernel where it builds
+    enc16 = Encoder.from_pretrained(dtype="bfloat16", **dev)  # l2v's default: the int16 CPU kernel where it builds
     # torch's bf16 (activations in bf16): a separate row only where the default is the kernel; else the same model
     enc16t = Encoder.from_pretrained(dtype="bfloat16", cpu_kernel=False, **dev) if enc16.cpu_kernel else enc16
     enc32 = Encoder.from_pretrained(dtype="float32", **dev)
-    # the kernel with every decoder layer on it (the default keeps the first 40% in fp32 for precision)
-    enc16f = Encoder.from_pretrained(dtype="bfloat16", fp32_layers=0) if enc16.cpu_kernel else None
+    # the kernel with bf16 weights: with its first 40% of layers in fp32 (its precise setting), and without
+    enc16b = Encoder.from_pretrained(dtype="bfloat16", cpu_kernel="bf16") if enc16.cpu_kernel else None
+    enc16f = Encoder.from_pretrained(dtype="bfloat16", cpu_kernel="bf16", fp32_layers=0) if enc16.cpu_kernel else None
     enc16fa = None  # GPU: flash-attention-2 (varlen, no padding) where the package is installed
     if gpu and importlib.util.find_spec("flash_attn") is not None:
         enc16fa = Encoder.from_pretrained(dtype="bfloat16", attn_implementation="flash_attention_2", **dev)
-    l2v16 = "l2v bf16 kernel" if enc16.cpu_kernel else "l2v bf16"
+    l2v16 = f"l2v {enc16.kernel_format} kernel" if enc16.cpu_kernel else "l2v bf16"
     tok = enc16.tokenizer
     kw = {"show_progress_bar": False}
     if args.max_tokens is not None:
@@ -249,7 +250,7 @@ def main() -> None:
     naive_tok.padding_side = "right"
     if naive_tok.pad_token is None:
         naive_tok.pad_token = naive_tok.eos_token
-    for enc in (enc16, enc16f, enc16t, enc32, enc16fa):
+    for enc in (enc16, enc16b, enc16f, enc16t, enc32, enc16fa):
         if enc is not None:
             enc.encode(sets["short"][:8], **kw)  # warm-up (+ packing probe)
     compiled, compile_s = {}, {}
@@ -280,7 +281,8 @@ def main() -> None:
         if enc16f is not None:  # the default is l2v's kernel
             # the same default without l2v's attention and rotary kernels (torch SDPA)
             runs["default, torch attn"] = lambda t=texts: _torch_attention(enc16.encode, t, **kw)
-            runs["kernel fp32_layers=0"] = lambda t=texts: enc16f.encode(t, **kw)
+            runs["bf16 kernel, 40% fp32"] = lambda t=texts: enc16b.encode(t, **kw)
+            runs["bf16 kernel"] = lambda t=texts: enc16f.encode(t, **kw)
             runs["l2v bf16 torch"] = lambda t=texts: enc16t.encode(t, **kw)
         if enc16fa is not None:
             runs["l2v bf16 flash-attn-2"] = lambda t=texts: enc16fa.encode(t, **kw)
@@ -325,22 +327,25 @@ def main() -> None:
     print(f"matmul peak (best of 2048^3 and 4096x576x1536): bf16 {peaks['bf16']:.0f} GFLOP/s, "
           f"fp32 {peaks['fp32']:.0f} GFLOP/s")
     print(f"allocator: {describe_malloc()}")  # process-wide; every row ran under it (L2V_MALLOC_TUNE=0: off)
-    hdr = (f"{'set':6} {'variant':20} {'texts':>5} {'tok':>6} {'sent/s':>7} {'tok/s':>7} {'GFLOP/s':>8} "
+    hdr = (f"{'set':6} {'variant':22} {'texts':>5} {'tok':>6} {'sent/s':>7} {'tok/s':>7} {'GFLOP/s':>8} "
            f"{'%bf16pk':>7} {'%ownpk':>6} {'%adjpk':>6} {'vs naive':>8} {'min cos':>8} {'<0.99':>5}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['set']:6} {r['variant']:20} {r['texts']:5d} {r['tokens']:6d} {r['sent_per_s']:7.1f} "
+        print(f"{r['set']:6} {r['variant']:22} {r['texts']:5d} {r['tokens']:6d} {r['sent_per_s']:7.1f} "
               f"{r['tok_per_s']:7.0f} {r['gflops']:8.1f} {100 * r['frac_bf16_peak']:6.1f}% "
               f"{100 * r['frac_own_peak']:5.1f}% {_pct(r['frac_adjacent_peak'])} {r['speedup_vs_naive_bf16']:7.2f}x {r['min_cos_vs_fp32']:8.4f} {r['n_cos_below_099']:5d}")
-    n_models = 2 + (enc16t is not enc16) + (enc16f is not None) + (enc16fa is not None) + len(compiled)
+    n_models = (2 + (enc16t is not enc16) + (enc16b is not None) + (enc16f is not None) + (enc16fa is not None)
+                + len(compiled))
     print(f"peak RSS {peak_rss_mb():.0f} MB (all {n_models} models loaded)"
           + (f"; peak CUDA memory {torch.cuda.max_memory_allocated(DEVICE) / 2**30:.2f} GiB" if gpu else ""))
     for name, sec in compile_s.items():
         print(f"{name}: compile + first pass over both sets {sec:.0f} s (not in the rows above)")
     if enc16.cpu_kernel:
-        print(f"bf16 kernel: bf16 weights, fp32 activations and sums (l2v.kernels, the CPU default), the first "
-              f"{enc16.fp32_layers} decoder layers in fp32; kernel fp32_layers=0: every layer on the kernel; "
+        print(f"{l2v16} (the CPU default): int16 fixed-point weights and matmul inputs, exact int32 sums, fp32 "
+              f"activations (l2v.kernels), {enc16.fp32_layers} decoder layers in fp32; bf16 kernel: bf16 weights "
+              f"and matmul inputs, fp32 sums and activations (cpu_kernel='bf16', fp32_layers=0); bf16 kernel, 40% "
+              f"fp32: the same with its first {enc16b.fp32_layers} decoder layers in fp32 (cpu_kernel='bf16'); "
               "bf16 torch: every activation rounded to bf16 (cpu_kernel=False); default, torch attn: the default "
               "with transformers' rotary and torch's SDPA instead of l2v's attention and rotary kernels.")
     print("%bf16pk: model FLOP/s / bf16 peak measured at start; %ownpk: / the peak of the variant's own dtype;\n"

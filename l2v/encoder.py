@@ -34,6 +34,8 @@ from .checkpoints import (
     resolve_model_path,
 )
 from .kernels import (
+    Bf16Linear,
+    GatedMLP,
     convert_linears,
     decoder_layers,
     fp32_leading_layers,
@@ -293,7 +295,7 @@ class Encoder(nn.Module):
         attn_implementation: str | None = "sdpa",
         allow_pickle: bool = False,
         merge_adapter: bool = True,
-        cpu_kernel: bool | None = None,
+        cpu_kernel: bool | str | None = None,
         fp32_layers: int | None = None,
         prompts: Mapping[str, str] | None = None,
         default_prompt_name: str | None = None,
@@ -305,15 +307,17 @@ class Encoder(nn.Module):
         ``adapter``: a PEFT adapter directory applied on top (merged into the weights by default).
         Arguments left as ``None`` come from ``l2v_config.json`` when present, else the defaults
         (mean pooling, bidirectional, max_length 512).
-        ``cpu_kernel``: for bf16 on CPU, run the linear layers through l2v's AVX512-BF16 kernel (bf16 weights,
-        fp32 activations and sums; :mod:`l2v.kernels`). ``None``: when the CPU and a C compiler allow it, else
-        torch's plain bf16 (every activation rounded to bf16); ``True``: required (error if unavailable);
-        ``False``: never.
-        ``fp32_layers``: under the kernel, how many leading decoder layers keep fp32 weights and math. Rounding
-        made before a bidirectional model forms its massive activations (layer ~12 of 30 on the default model)
-        is amplified and decides the worst texts: with the first 40% of the layers in fp32 (the default,
-        ``None``) every measured text of the default and trained encoders stays at cosine >= 0.999 against fp32;
-        ``0`` (bf16 weights everywhere) is ~1.2x faster, with ~1 text in 100 below 0.99. README "Precision".
+        ``cpu_kernel``: for bf16 on CPU, run the linear layers through l2v's CPU kernels (:mod:`l2v.kernels`):
+        16-bit weights, fp32 activations between the matmuls. ``None``: when the CPU and a C compiler allow it,
+        else torch's plain bf16 (every activation rounded to bf16); ``True``: required (error if unavailable);
+        ``False``: never; ``"int16"`` (what ``None``/``True`` choose) or ``"bf16"``: the weight format. int16
+        fixed point (one scale per weight row and per activation row, exact int32 sums; AVX512-VNNI) runs as
+        fast as bf16 and keeps ~15 significant bits instead of 8: every measured text of the default and trained
+        encoders stays at cosine >= 0.997 against fp32, where bf16 weights leave ~1 text in 100 below 0.99.
+        ``fp32_layers``: under the kernel, how many leading decoder layers keep fp32 weights and math (default
+        0 for int16; 40% of the layers for ``"bf16"``, which removes its tail at ~1.3x the time). Rounding made
+        before a bidirectional model forms its massive activations (layer ~12 of 30 on the default model) is
+        amplified and decides the worst texts. README "Precision".
         ``prompts`` / ``default_prompt_name``: named instructions for ``encode(prompt_name=...)``, as in
         sentence-transformers; merged over those saved in ``l2v_config.json`` (a name given here wins).
         On CPU, loading also fixes glibc's allocator thresholds for the process so each batch reuses the previous
@@ -359,14 +363,15 @@ class Encoder(nn.Module):
         dev = _resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         use_kernel = _want_cpu_kernel(cpu_kernel, torch_dtype, dev)
+        kernel_fmt = cpu_kernel if isinstance(cpu_kernel, str) else "int16"
         if fp32_layers is not None and (isinstance(fp32_layers, bool) or not isinstance(fp32_layers, int)
                                         or fp32_layers < 0):
             raise ValueError(f"fp32_layers must be a non-negative integer or None, got {fp32_layers!r}.")
         if fp32_layers and cpu_kernel is False:
-            raise ValueError("fp32_layers applies to l2v's bf16 CPU kernel; it cannot be combined with "
+            raise ValueError("fp32_layers applies to l2v's CPU kernel; it cannot be combined with "
                              "cpu_kernel=False (use dtype='float32' for a full fp32 model).")
         if fp32_layers and not use_kernel and torch_dtype != torch.float32:
-            warnings.warn(f"fp32_layers={fp32_layers} is ignored: it applies to l2v's bf16 CPU kernel, which is "
+            warnings.warn(f"fp32_layers={fp32_layers} is ignored: it applies to l2v's CPU kernel, which is "
                           f"not used for {torch_dtype} on {dev}.", stacklevel=2)
 
         for weights_dir in (weights_path, *adapters):
@@ -391,7 +396,9 @@ class Encoder(nn.Module):
             use_kernel = False
             net.to(dtype=torch_dtype)
         if use_kernel:
-            convert_linears(net, keep=fp32_leading_layers(net, fp32_layers))
+            if fp32_layers is None and kernel_fmt == "int16":
+                fp32_layers = 0
+            convert_linears(net, keep=fp32_leading_layers(net, fp32_layers), fmt=kernel_fmt)
             fuse_gated_mlps(net)
             net.float()  # norms, embeddings, biases (the packed weights are int16/int32 bits and stay)
         net.to(dev).eval()
@@ -449,8 +456,14 @@ class Encoder(nn.Module):
 
     @property
     def cpu_kernel(self) -> bool:
-        """Whether the linear layers run through l2v's bf16-weight, fp32-activation CPU kernel."""
+        """Whether the linear layers run through l2v's 16-bit-weight, fp32-activation CPU kernel."""
         return uses_kernel(self.model)
+
+    @property
+    def kernel_format(self) -> str | None:
+        """The CPU kernel's 16-bit weight format ("int16" or "bf16"), or None without the kernel."""
+        return next((m.fmt for m in self.model.modules()
+                     if isinstance(m, (Bf16Linear, GatedMLP)) and m.fmt != "fp32"), None)
 
     @property
     def fp32_layers(self) -> int:
@@ -983,8 +996,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _want_cpu_kernel(requested: bool | None, dtype: torch.dtype, device: torch.device) -> bool:
-    """Resolve ``cpu_kernel``: only bf16 on CPU; ``True`` insists (clear error), ``None`` uses it when it builds."""
+def _want_cpu_kernel(requested: bool | str | None, dtype: torch.dtype, device: torch.device) -> bool:
+    """Resolve ``cpu_kernel``: only bf16 on CPU; ``True`` (or a weight format) insists (clear error), ``None`` uses
+    it when it builds."""
+    if isinstance(requested, str) and requested not in ("int16", "bf16"):
+        raise ValueError(f"cpu_kernel must be None, True, False, 'int16' or 'bf16', got {requested!r}.")
     if requested is False:
         return False
     if device.type != "cpu" or dtype != torch.bfloat16:

@@ -55,12 +55,20 @@ def test_no_cpu_kernel_flag(model_dir):
     args = build_parser().parse_args(["encode", "x", "-m", model_dir, "--dtype", "bfloat16", "--device", "cpu",
                                       "--no-cpu-kernel"])
     assert not load_from_args(args).cpu_kernel
+    args = build_parser().parse_args(["encode", "x", "-m", model_dir, "--dtype", "bfloat16", "--device", "cpu",
+                                      "--cpu-kernel", "off"])
+    assert not load_from_args(args).cpu_kernel
     if kernel_status()[0]:
         args = build_parser().parse_args(["encode", "x", "-m", model_dir, "--dtype", "bfloat16", "--device",
-                                          "cpu", "--fp32-layers", "0"])
-        assert load_from_args(args).fp32_layers == 0
+                                          "cpu", "--fp32-layers", "1"])
+        enc = load_from_args(args)
+        assert (enc.fp32_layers, enc.kernel_format) == (1, "int16")
         args.fp32_layers = None
-        assert load_from_args(args).fp32_layers == 1  # the default: 40% of 2 layers, rounded up
+        enc = load_from_args(args)
+        assert (enc.fp32_layers, enc.kernel_format) == (0, "int16")  # the default: int16 everywhere
+        args.cpu_kernel = "bf16"
+        enc = load_from_args(args)
+        assert (enc.fp32_layers, enc.kernel_format) == (1, "bf16")  # bf16 weights: 40% of 2 layers, rounded up
     assert main(["encode", "x", "-m", model_dir, "--dtype", "bfloat16", "--no-cpu-kernel", "--fp32-layers", "1",
                  "-q"]) == 2
     args = build_parser().parse_args(["export", model_dir, "out", "--dtype", "bfloat16"])
@@ -153,9 +161,9 @@ def test_info_reports_bidirectional_support(model_dir, capsys):
     from l2v.kernels import kernel_status
 
     ok, reason = kernel_status()
-    expected = ("available: 14 linear layers, 2 fused SiLU-gated MLPs; the first 1 of 2 decoder layers stay fp32"
-                if ok else f"unavailable ({reason})")
-    assert info["cpu_bf16_kernel"].startswith(expected), info["cpu_bf16_kernel"]
+    expected = ("available: 14 linear layers in int16 fixed point, 2 fused SiLU-gated MLPs; with --cpu-kernel bf16 "
+                "the first 1 of 2 decoder layers stay fp32" if ok else f"unavailable ({reason})")
+    assert info["cpu_kernel"].startswith(expected), info["cpu_kernel"]
     assert "glibc thresholds set" in info["cpu_allocator"] or info["cpu_allocator"].startswith("left alone (")
 
 

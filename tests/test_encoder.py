@@ -438,6 +438,13 @@ def test_cpu_kernel_packed_padded_save_and_reload(tmp_path):
     assert _cos(packed, padded).min() >= 0.9999
     out = enc.save_pretrained(tmp_path / "saved")
     again = Encoder.from_pretrained(out, dtype="bfloat16", device="cpu")
+    assert enc.kernel_format == again.kernel_format == "int16"
+    # the saved weights are the int16 rows dequantized; loading quantizes them again (a second rounding ~2^-15)
+    assert _cos(again.encode(TEXTS), packed).min() >= 0.99999
+    enc = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", cpu_kernel="bf16")
+    packed = enc.encode(TEXTS)
+    out = enc.save_pretrained(tmp_path / "saved-bf16")
+    again = Encoder.from_pretrained(out, dtype="bfloat16", device="cpu", cpu_kernel="bf16")
     np.testing.assert_array_equal(again.encode(TEXTS), packed)  # the same bf16 weights came back
     plain = Encoder.from_pretrained(out, dtype="float32", device="cpu")  # a normal checkpoint
     assert not plain.cpu_kernel and _cos(plain.encode(TEXTS[:4]), packed[:4]).min() >= 0.999
@@ -481,10 +488,18 @@ def test_cpu_kernel_choice_and_errors(tmp_path, monkeypatch):
     assert not plain.cpu_kernel and next(plain.model.parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="cpu_kernel=True needs dtype bfloat16 on CPU"):
         Encoder.from_pretrained(path, dtype="float32", device="cpu", cpu_kernel=True)
+    with pytest.raises(ValueError, match="cpu_kernel must be None, True, False, 'int16' or 'bf16', got 'int8'"):
+        Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", cpu_kernel="int8")
+    if _kernel_available():
+        for choice, fmt in ((None, "int16"), (True, "int16"), ("int16", "int16"), ("bf16", "bf16")):
+            assert Encoder.from_pretrained(path, dtype="bfloat16", device="cpu",
+                                           cpu_kernel=choice).kernel_format == fmt
+    assert plain.kernel_format is None
     monkeypatch.setattr(encoder_mod, "kernel_status", lambda: (False, "no C compiler found"))
     monkeypatch.setattr(encoder_mod, "_FALLBACK_WARNED", [])
-    with pytest.raises(RuntimeError, match="unavailable: no C compiler found"):
-        Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", cpu_kernel=True)
+    for insist in (True, "int16", "bf16"):
+        with pytest.raises(RuntimeError, match="unavailable: no C compiler found"):
+            Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", cpu_kernel=insist)
     with pytest.warns(UserWarning, match=r"kernel is unavailable \(no C compiler found\); bf16 runs on torch"):
         fallback = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu")  # automatic: torch's bf16
     assert not fallback.cpu_kernel and fallback.dtype == torch.bfloat16
@@ -505,20 +520,28 @@ def test_fp32_layers_run_exactly_in_fp32(arch, tmp_path):
 
     path = save_tiny(arch, tmp_path / arch)
     full = Encoder.from_pretrained(path, dtype="float32", device="cpu")
-    mixed = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu")  # default: ceil(0.4 * 2) = 1 layer
-    zero = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", fp32_layers=0)
-    assert (mixed.fp32_layers, zero.fp32_layers, full.fp32_layers) == (1, 0, 0)
-    assert mixed.cpu_kernel and zero.cpu_kernel
+    # bf16 weights: by default ceil(0.4 * 2) = 1 layer in fp32
+    mixed = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", cpu_kernel="bf16")
+    zero = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", cpu_kernel="bf16", fp32_layers=0)
+    int16 = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu")  # the default: int16, no fp32 layer
+    int16_mixed = Encoder.from_pretrained(path, dtype="bfloat16", device="cpu", fp32_layers=1)
+    assert ((mixed.fp32_layers, zero.fp32_layers, full.fp32_layers, int16.fp32_layers, int16_mixed.fp32_layers)
+            == (1, 0, 0, 0, 1))
+    assert (mixed.kernel_format, int16.kernel_format, int16_mixed.kernel_format, full.kernel_format) == (
+        "bf16", "int16", "int16", None)
+    assert mixed.cpu_kernel and zero.cpu_kernel and int16.cpu_kernel
     ids = torch.randint(3, 300, (2, 9))
 
     def hidden(enc):
         with torch.inference_mode():
             return enc.model(input_ids=ids, output_hidden_states=True).hidden_states
 
-    f, m, z = hidden(full), hidden(mixed), hidden(zero)
+    f, m, z, i, im = hidden(full), hidden(mixed), hidden(zero), hidden(int16), hidden(int16_mixed)
     scale0 = float(f[1].abs().max())
-    assert (m[1] - f[1]).abs().max() <= 1e-5 * scale0  # layer 0: fp32 weights, fp32 math (own summation order)
+    for kept in (m, im):
+        assert (kept[1] - f[1]).abs().max() <= 1e-5 * scale0  # layer 0: fp32 weights, fp32 math (own sum order)
     assert (z[1] - f[1]).abs().max() > 1e-4 * scale0  # with bf16 weights, layer 0 rounds
+    assert 0 < (i[1] - f[1]).abs().max() < (z[1] - f[1]).abs().max() / 4  # int16 rounds far less
     assert (m[2] - f[2]).abs().max() > 1e-4 * f[2].abs().max()  # layer 1 has bf16 weights
     assert _cos(mixed.encode(TEXTS), full.encode(TEXTS)).min() >= 0.999
 
@@ -568,9 +591,10 @@ def test_default_model_bf16_matches_fp32(default_encoder):
     Texts: hand-picked, 128 news sentences (Lee corpus), 194 movie-review snippets (pang_lee, with their label
     prefix) and 11 Russian sentences (the opening of *Crime and Punishment*) from gensim's test data, and 100
     WordNet noun glosses. Bidirectionally a few texts in a hundred are hypersensitive to rounding made before
-    the model forms its massive activations (benchmarks/RESULTS.md, "bf16 against fp32" and "fp32 leading
-    layers"), so the default keeps the first 40% of the layers in fp32 under l2v's bf16 CPU kernel: every text
-    stays >= 0.99. With every layer on the kernel (``fp32_layers=0``) or with torch's plain bf16
+    the model forms its massive activations (benchmarks/RESULTS.md, "bf16 against fp32", "fp32 leading layers"
+    and "int16 fixed point"). The default, l2v's CPU kernel with int16 fixed-point weights and matmul inputs,
+    keeps every text >= 0.99, as does its bf16-weight variant with the first 40% of the layers in fp32. With bf16
+    weights in every layer (``cpu_kernel="bf16", fp32_layers=0``) or with torch's plain bf16
     (``cpu_kernel=False``) a few land in 0.9-0.99 (about 1 in 100 on WordNet glosses); those paths are held to
     their measured typical error. Causal: every text >= 0.99 either way. A broken bf16 path (pooling, masks,
     dtype, kernel, kept layers) fails every bound.
@@ -613,11 +637,16 @@ def test_default_model_bf16_matches_fp32(default_encoder):
     assert cosines(plain, sentences, ref[:len(sentences)]).min() >= 0.99
     assert np.median(bi) >= 0.999 and (bi >= 0.99).mean() >= 0.95 and bi.min() >= 0.8, np.sort(bi)[:8]
     if kernel.cpu_kernel:
-        assert kernel.fp32_layers == 12  # 40% of 30
+        assert (kernel.kernel_format, kernel.fp32_layers) == ("int16", 0)
         default = cosines(kernel)
         assert default.min() >= 0.99, np.sort(default)[:8]  # the issue's bound, for every text
-        assert np.median(1 - default) <= 0.25 * np.median(1 - bi), (np.median(default), np.median(bi))
-        fast = cosines(Encoder.from_pretrained("smollm2-135m", dtype="bfloat16", fp32_layers=0))
+        assert np.median(1 - default) <= 0.02 * np.median(1 - bi), (np.median(default), np.median(bi))
+        bf16 = Encoder.from_pretrained("smollm2-135m", dtype="bfloat16", cpu_kernel="bf16")
+        assert bf16.fp32_layers == 12  # 40% of 30
+        precise = cosines(bf16)
+        assert precise.min() >= 0.99, np.sort(precise)[:8]
+        assert np.median(1 - precise) <= 0.25 * np.median(1 - bi), (np.median(precise), np.median(bi))
+        fast = cosines(Encoder.from_pretrained("smollm2-135m", dtype="bfloat16", cpu_kernel="bf16", fp32_layers=0))
         assert np.median(1 - fast) <= 0.5 * np.median(1 - bi), (np.median(fast), np.median(bi))
         assert (fast >= 0.99).mean() >= 0.97 and fast.min() >= 0.8, np.sort(fast)[:8]
     with causal_attention(fp32.model), causal_attention(kernel.model), causal_attention(plain.model):

@@ -41,18 +41,23 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="auto: bf16 where the CPU/GPU runs it natively, else fp16 on CUDA and fp32 elsewhere")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best available)")
-    p.add_argument("--no-cpu-kernel", action="store_true",
-                   help="bf16 on CPU: use torch's bf16 (every activation rounded to bf16) instead of l2v's kernel "
-                        "(bf16 weights, fp32 activations; the default where it builds)")
+    p.add_argument("--cpu-kernel", choices=["int16", "bf16", "off"], default=None,
+                   help="bf16 on CPU: l2v's kernel with int16 fixed-point weights (the default where it builds: "
+                        "bf16's speed, ~fp32 precision), with bf16 weights, or off (torch's bf16, every "
+                        "activation rounded to bf16); README Precision")
+    p.add_argument("--no-cpu-kernel", action="store_true", help="the same as --cpu-kernel off")
     p.add_argument("--fp32-layers", type=int_in(0), default=None, metavar="N",
-                   help="with the bf16 CPU kernel: keep the first N decoder layers in fp32 (default: 40%% of them, "
-                        "so every text stays at cosine >= 0.99 with fp32; 0 = fastest, see README Precision)")
+                   help="with the CPU kernel: keep the first N decoder layers in fp32 (default: 0 with int16 "
+                        "weights; 40%% of them with --cpu-kernel bf16, so every text stays at cosine >= 0.99 "
+                        "with fp32)")
 
 
 def kernel_kwargs(args: argparse.Namespace) -> dict:
-    """``--no-cpu-kernel`` / ``--fp32-layers`` as ``Encoder.from_pretrained``'s ``cpu_kernel`` / ``fp32_layers``."""
-    return {"cpu_kernel": False if getattr(args, "no_cpu_kernel", False) else None,
-            "fp32_layers": getattr(args, "fp32_layers", None)}
+    """``--cpu-kernel`` / ``--no-cpu-kernel`` / ``--fp32-layers`` as ``Encoder.from_pretrained``'s ``cpu_kernel``
+    / ``fp32_layers``."""
+    choice = getattr(args, "cpu_kernel", None)
+    off = getattr(args, "no_cpu_kernel", False) or choice == "off"
+    return {"cpu_kernel": False if off else choice, "fp32_layers": getattr(args, "fp32_layers", None)}
 
 
 def load_from_args(args: argparse.Namespace):
@@ -67,7 +72,7 @@ def load_from_args(args: argparse.Namespace):
 
 
 COMPILE_HELP = ("torch.compile the model first (a one-time compile of 0.5-2 min on CPU); pays only with "
-                "--no-cpu-kernel (up to ~11%% faster), not with the default bf16 CPU kernel")
+                "--no-cpu-kernel (up to ~11%% faster), not with the default CPU kernel")
 
 
 def read_texts(args_texts: list[str], path: str | None, field: str = "text") -> list[str]:
@@ -208,14 +213,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..kernels import convert_linears, decoder_layers, fp32_leading_layers, fuse_gated_mlps, kernel_status
 
     ok, reason = kernel_status()
-    info["cpu_bf16_kernel"] = "available" if ok else f"unavailable ({reason}); bf16 on CPU uses torch's bf16"
+    info["cpu_kernel"] = "available" if ok else f"unavailable ({reason}); bf16 on CPU uses torch's bf16"
     if ok and not args.no_check:  # what bf16 on CPU would run through the kernel for this model (the default)
-        kept = fp32_leading_layers(model)
-        n_linear = convert_linears(model, keep=kept)
-        info["cpu_bf16_kernel"] += f": {n_linear} linear layers, {fuse_gated_mlps(model)} fused SiLU-gated MLPs"
+        n_linear = convert_linears(model, fmt="int16")
+        info["cpu_kernel"] += (f": {n_linear} linear layers in int16 fixed point, {fuse_gated_mlps(model)} fused "
+                               "SiLU-gated MLPs")
         layers = decoder_layers(model)
         if layers is not None:
-            info["cpu_bf16_kernel"] += f"; the first {len(kept)} of {len(layers)} decoder layers stay fp32"
+            info["cpu_kernel"] += (f"; with --cpu-kernel bf16 the first {len(fp32_leading_layers(model))} of "
+                                   f"{len(layers)} decoder layers stay fp32")
     from ..kernels.malloc import describe
 
     info["cpu_allocator"] = describe()

@@ -81,7 +81,8 @@ def model_config(model: Any) -> dict:
     if hasattr(model, "config") and callable(model.config):
         return model.config()
     out = {"kind": "l2v"}
-    for attr in ("name", "base_model", "pooling", "max_length", "bidirectional", "cpu_kernel", "fp32_layers"):
+    for attr in ("name", "base_model", "pooling", "max_length", "bidirectional", "cpu_kernel", "kernel_format",
+                 "fp32_layers"):
         if hasattr(model, attr):
             out[attr] = getattr(model, attr)
     for attr in ("dtype", "device"):

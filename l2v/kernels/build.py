@@ -23,7 +23,7 @@ from typing import Any
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("gemm_bf16.c", "attention.c", "rotary.c")]
 _HEADERS = [Path(__file__).with_name("simd_exp.h")]  # included by the sources: part of the build key
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared",
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp", "-fPIC", "-shared",
           "-ffp-contract=off"]  # products rounded before sums, exactly as torch's separate ops (rotary.c)
 _lock = threading.Lock()
 _state: dict[str, Any] = {"lib": None, "error": None, "tried": False}
@@ -35,12 +35,14 @@ def switched_off(variable: str) -> bool:
 
 
 def cpu_has_avx512_bf16() -> bool:
-    """The kernels' instruction set (vdpbf16ps; the attention needs only AVX-512F); AMX CPUs have it too."""
+    """The kernels' instruction set (vdpbf16ps, and vpdpwssd from AVX512-VNNI, which every AVX512-BF16 CPU has;
+    the attention needs only AVX-512F); AMX CPUs have it too."""
     if sys.platform != "linux":
         return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            return "avx512_bf16" in fh.read()
+            flags = fh.read()
+        return "avx512_bf16" in flags and "avx512_vnni" in flags
     except OSError:
         return False
 
@@ -146,7 +148,10 @@ def load() -> ctypes.CDLL | None:
                     fn.restype = ctypes.c_int
                     fn.argtypes = [p, i64, i64, i64, p, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
                 lib.l2v_mlp.restype = ctypes.c_int
-                lib.l2v_mlp.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
+                lib.l2v_linear_i16.restype = ctypes.c_int
+                lib.l2v_linear_i16.argtypes = [p, i64, i64, i64, p, p, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
+                lib.l2v_mlp.argtypes = [p, i64, i64, i64, p, i64, p, i64, p, p, i64, i64, ctypes.c_int, ctypes.c_int,
+                                        p, p]
                 att = lib.l2v_varlen_attention
                 att.restype = ctypes.c_int
                 att.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, i64, p, p, i64, ctypes.c_float,
