@@ -281,7 +281,7 @@ def main() -> None:
         if enc16f is not None:  # the default is l2v's kernel
             # the same default without l2v's attention and rotary kernels (torch SDPA)
             runs["default, torch attn"] = lambda t=texts: _torch_attention(enc16.encode, t, **kw)
-            runs["bf16 kernel, 40% fp32"] = lambda t=texts: enc16b.encode(t, **kw)
+            runs["bf16 kernel+fp32 layers"] = lambda t=texts: enc16b.encode(t, **kw)
             runs["bf16 kernel"] = lambda t=texts: enc16f.encode(t, **kw)
             runs["l2v bf16 torch"] = lambda t=texts: enc16t.encode(t, **kw)
         if enc16fa is not None:
@@ -327,12 +327,12 @@ def main() -> None:
     print(f"matmul peak (best of 2048^3 and 4096x576x1536): bf16 {peaks['bf16']:.0f} GFLOP/s, "
           f"fp32 {peaks['fp32']:.0f} GFLOP/s")
     print(f"allocator: {describe_malloc()}")  # process-wide; every row ran under it (L2V_MALLOC_TUNE=0: off)
-    hdr = (f"{'set':6} {'variant':22} {'texts':>5} {'tok':>6} {'sent/s':>7} {'tok/s':>7} {'GFLOP/s':>8} "
+    hdr = (f"{'set':6} {'variant':23} {'texts':>5} {'tok':>6} {'sent/s':>7} {'tok/s':>7} {'GFLOP/s':>8} "
            f"{'%bf16pk':>7} {'%ownpk':>6} {'%adjpk':>6} {'vs naive':>8} {'min cos':>8} {'<0.99':>5}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['set']:6} {r['variant']:22} {r['texts']:5d} {r['tokens']:6d} {r['sent_per_s']:7.1f} "
+        print(f"{r['set']:6} {r['variant']:23} {r['texts']:5d} {r['tokens']:6d} {r['sent_per_s']:7.1f} "
               f"{r['tok_per_s']:7.0f} {r['gflops']:8.1f} {100 * r['frac_bf16_peak']:6.1f}% "
               f"{100 * r['frac_own_peak']:5.1f}% {_pct(r['frac_adjacent_peak'])} {r['speedup_vs_naive_bf16']:7.2f}x {r['min_cos_vs_fp32']:8.4f} {r['n_cos_below_099']:5d}")
     n_models = (2 + (enc16t is not enc16) + (enc16b is not None) + (enc16f is not None) + (enc16fa is not None)
@@ -344,8 +344,8 @@ def main() -> None:
     if enc16.cpu_kernel:
         print(f"{l2v16} (the CPU default): int16 fixed-point weights and matmul inputs, exact int32 sums, fp32 "
               f"activations (l2v.kernels), {enc16.fp32_layers} decoder layers in fp32; bf16 kernel: bf16 weights "
-              f"and matmul inputs, fp32 sums and activations (cpu_kernel='bf16', fp32_layers=0); bf16 kernel, 40% "
-              f"fp32: the same with its first {enc16b.fp32_layers} decoder layers in fp32 (cpu_kernel='bf16'); "
+              f"and matmul inputs, fp32 sums and activations (cpu_kernel='bf16', fp32_layers=0); bf16 kernel+fp32 "
+              f"layers: the same with its first {enc16b.fp32_layers} decoder layers in fp32 (cpu_kernel='bf16'); "
               "bf16 torch: every activation rounded to bf16 (cpu_kernel=False); default, torch attn: the default "
               "with transformers' rotary and torch's SDPA instead of l2v's attention and rotary kernels.")
     print("%bf16pk: model FLOP/s / bf16 peak measured at start; %ownpk: / the peak of the variant's own dtype;\n"

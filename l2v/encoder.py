@@ -313,7 +313,7 @@ class Encoder(nn.Module):
         ``False``: never; ``"int16"`` (what ``None``/``True`` choose) or ``"bf16"``: the weight format. int16
         fixed point (one scale per weight row and per activation row, exact int32 sums; AVX512-VNNI) runs as
         fast as bf16 and keeps ~15 significant bits instead of 8: every measured text of the default and trained
-        encoders stays at cosine >= 0.997 against fp32, where bf16 weights leave ~1 text in 100 below 0.99.
+        encoders stays at cosine >= 0.995 against fp32, where bf16 weights leave ~1 text in 100 below 0.99.
         ``fp32_layers``: under the kernel, how many leading decoder layers keep fp32 weights and math (default
         0 for int16; 40% of the layers for ``"bf16"``, which removes its tail at ~1.3x the time). Rounding made
         before a bidirectional model forms its massive activations (layer ~12 of 30 on the default model) is

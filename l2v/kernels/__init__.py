@@ -2,6 +2,7 @@
 
 from .build import kernel_status
 from .linear import (
+    FORMATS,
     Bf16Linear,
     GatedMLP,
     bf16_gated,
@@ -14,5 +15,5 @@ from .linear import (
     uses_kernel,
 )
 
-__all__ = ["Bf16Linear", "GatedMLP", "bf16_gated", "bf16_linear", "convert_linears", "decoder_layers",
+__all__ = ["FORMATS", "Bf16Linear", "GatedMLP", "bf16_gated", "bf16_linear", "convert_linears", "decoder_layers",
            "fp32_leading_layers", "fuse_gated_mlps", "gated_mlp", "kernel_status", "uses_kernel"]

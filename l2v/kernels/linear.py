@@ -1,13 +1,20 @@
-"""Linear layers with bf16 weights and fp32 activations, run by l2v's AVX512-BF16 kernel (``gemm_bf16.c``).
+"""Linear layers with 16-bit weights and fp32 activations, run by l2v's CPU kernels (``gemm_bf16.c``).
 
 Why: on CPU, torch's bf16 matmul rounds its *outputs* to bf16, so a bf16 model rounds every activation. For the
-default model run bidirectionally that moves a few embeddings in a hundred below cosine 0.99 of fp32. Rounding
-only the matmul *inputs* (bf16 x bf16 products summed in fp32, fp32 out) makes the typical error 5-30x smaller,
-and keeping the first 40% of the decoder layers entirely in fp32 (:func:`fp32_leading_layers`; the same C file's
-fp32-weight path, faster here than torch's fp32 matmul) removes the tail (benchmarks/RESULTS.md, "fp32 leading
-layers"). torch 2.13 has no bf16 CPU matmul with fp32 outputs, so l2v builds one (:mod:`l2v.kernels.build`).
-It is as fast as torch's bf16 matmul here and keeps weights at 2 bytes each. Without a compiler or AVX512-BF16,
-:func:`kernel_status` says why and callers keep torch's own bf16 path.
+default model run bidirectionally that moves a few embeddings in a hundred below cosine 0.99 of fp32. l2v keeps
+every activation in fp32 and rounds only the matmul *inputs*, in one of two 16-bit weight formats:
+
+* ``int16`` (the default): fixed point with one fp32 scale per weight row and per activation row, products
+  summed exactly in int32 by AVX512-VNNI's ``vpdpwssd``, which runs at the same rate as the bf16 dot product here.
+  ~15 significant bits instead of bf16's 8: every measured text stays within 0.995 of fp32 with no layer in
+  fp32 (benchmarks/RESULTS.md, "int16 fixed point"). The scales make every row's int16 norm at most ~46,340, so
+  by Cauchy-Schwarz no sum can leave int32.
+* ``bf16``: bf16 x bf16 products summed in fp32 (``vdpbf16ps``); its typical error is 5-30x below torch's bf16,
+  but its tail needs the first 40% of the decoder layers in fp32 (:func:`fp32_leading_layers`; the same C
+  file's fp32-weight path, faster here than torch's fp32 matmul), at ~1.3x the time.
+
+torch 2.13 has neither on CPU, so l2v builds them (:mod:`l2v.kernels.build`). Weights stay at 2 bytes each.
+Without a compiler or AVX512-BF16/VNNI, :func:`kernel_status` says why and callers keep torch's own bf16 path.
 """
 
 from __future__ import annotations
