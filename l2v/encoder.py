@@ -392,7 +392,7 @@ class Encoder(nn.Module):
             net = _apply_adapter(net, adapter_path, merge=merge_adapter)
         if use_kernel and hasattr(net, "merge_and_unload"):  # an unmerged adapter keeps ordinary Linear layers
             if cpu_kernel:
-                raise ValueError("cpu_kernel=True needs the adapter merged (merge_adapter=True).")
+                raise ValueError(f"cpu_kernel={cpu_kernel!r} needs the adapter merged (merge_adapter=True).")
             use_kernel = False
             net.to(dtype=torch_dtype)
         if use_kernel:
@@ -1005,14 +1005,14 @@ def _want_cpu_kernel(requested: bool | str | None, dtype: torch.dtype, device: t
         return False
     if device.type != "cpu" or dtype != torch.bfloat16:
         if requested:
-            raise ValueError(f"cpu_kernel=True needs dtype bfloat16 on CPU, got {dtype} on {device}.")
+            raise ValueError(f"cpu_kernel={requested!r} needs dtype bfloat16 on CPU, got {dtype} on {device}.")
         return False
     ok, reason = kernel_status()
     if requested and not ok:
-        raise RuntimeError(f"cpu_kernel=True, but l2v's bf16 CPU kernel is unavailable: {reason}.")
+        raise RuntimeError(f"cpu_kernel={requested!r}, but l2v's CPU kernel is unavailable: {reason}.")
     if not ok and not _FALLBACK_WARNED:
         _FALLBACK_WARNED.append(reason)
-        warnings.warn(f"l2v's bf16 CPU kernel is unavailable ({reason}); bf16 runs on torch's plain bf16, where "
+        warnings.warn(f"l2v's CPU kernel is unavailable ({reason}); bf16 runs on torch's plain bf16, where "
                       "about 1 text in 100 ends below cosine 0.99 against fp32 (README, 'Precision'). Load with "
                       "dtype='float32' for exact vectors, or cpu_kernel=False to silence this.", stacklevel=3)
     return ok

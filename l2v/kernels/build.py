@@ -133,7 +133,7 @@ def load() -> ctypes.CDLL | None:
         if switched_off("L2V_CPU_KERNEL"):
             _state["error"] = "switched off by L2V_CPU_KERNEL=0"
         elif not cpu_has_avx512_bf16():
-            _state["error"] = "this CPU has no AVX512-BF16"
+            _state["error"] = "this CPU has no AVX512-BF16 and AVX512-VNNI"
         elif isinstance(cc := _compiler(), str):
             _state["error"] = cc
         else:

@@ -118,7 +118,7 @@ ROWS_PER_TASK = 96  # rows converted to bf16 per task; 48-768 measured in situ, 
 def _lib() -> Any:
     lib = load()
     if lib is None:
-        raise RuntimeError(f"l2v's bf16 CPU kernel is unavailable: {_state['error']}")
+        raise RuntimeError(f"l2v's CPU kernel is unavailable: {_state['error']}")
     return lib
 
 
