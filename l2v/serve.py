@@ -32,7 +32,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' string annotations here
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -134,7 +134,8 @@ class _Job:
     items: list[Tokenized]
     loop: asyncio.AbstractEventLoop | None
     future: Any  # asyncio.Future (server) or concurrent.futures.Future (direct use)
-    result: torch.Tensor | None = None
+    per_token: bool = False  # the last hidden state of every token (TEI's /embed_all), not the pooled vector
+    result: torch.Tensor | list[torch.Tensor] | None = None
     tokens: int = 0
     error: BaseException | None = None  # one of its inputs failed; the other jobs of the batch still succeed
 
@@ -162,18 +163,21 @@ class MicroBatcher:
     def queued(self) -> int:
         return self._queued
 
-    def submit(self, items: list[Tokenized], loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-        """Queue tokenised inputs; the returned future resolves to a float32 (n, dim) CPU tensor."""
+    def submit(self, items: list[Tokenized], loop: asyncio.AbstractEventLoop,
+               per_token: bool = False) -> asyncio.Future:
+        """Queue tokenised inputs; the returned future resolves to a float32 (n, dim) CPU tensor, or with
+        ``per_token`` to a list of float32 (len(ids), dim) tensors: the hidden state of each of an input's tokens."""
         future = loop.create_future()
-        self._put(_Job(items=items, loop=loop, future=future))
+        self._put(_Job(items=items, loop=loop, future=future, per_token=per_token))
         return future
 
-    def encode_sync(self, items: list[Tokenized], timeout: float | None = None) -> torch.Tensor:
+    def encode_sync(self, items: list[Tokenized], timeout: float | None = None,
+                    per_token: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Blocking variant of :meth:`submit` for callers without an event loop."""
         import concurrent.futures
 
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._put(_Job(items=items, loop=None, future=future))
+        self._put(_Job(items=items, loop=None, future=future, per_token=per_token))
         return future.result(timeout)
 
     def _put(self, job: _Job) -> None:
@@ -242,31 +246,50 @@ class MicroBatcher:
                     self._queued -= sum(len(j.items) for j in jobs)
 
     def _process(self, jobs: list[_Job]) -> None:
-        flat = [(j, i, t) for j in jobs for i, t in enumerate(j.items)]
         for job in jobs:
-            job.result = torch.empty((len(job.items), self.encoder.dim), dtype=torch.float32)
-        flat.sort(key=lambda x: -len(x[2].ids))
+            job.result = ([torch.empty(0)] * len(job.items) if job.per_token
+                          else torch.empty((len(job.items), self.encoder.dim), dtype=torch.float32))
+        # Pooled and per-token inputs take separate forward passes: Encoder.forward pools inside, so sharing one
+        # would mean re-implementing it here; a collection holding both kinds costs at most one more pass.
+        for per_token in (False, True):
+            flat = [(j, i, t) for j in jobs if j.per_token == per_token for i, t in enumerate(j.items)]
+            flat.sort(key=lambda x: -len(x[2].ids))
+            self._run_chunks(flat, per_token)
+        for job in jobs:
+            self._finish(job, job.error)
+
+    def _run_chunks(self, flat: list[tuple[_Job, int, Tokenized]], per_token: bool) -> None:
+        """Forward passes over length-sorted inputs, at most ``max_batch_tokens`` padded tokens each."""
         start = 0
+        left = self.encoder.padding_side == "left"
         with torch.inference_mode():
             while start < len(flat):
                 longest = len(flat[start][2].ids)
                 n = max(1, min(self.max_batch_size, self.max_batch_tokens // max(longest, 1)))
                 chunk = flat[start:start + n]
-                emb = self.encoder.forward(self.encoder.collate([t for _, _, t in chunk])).float().cpu()
-                finite = torch.isfinite(emb).all(-1)  # rows are checked apart: a NaN fails its own request only
-                for row, (job, i, _) in enumerate(chunk):
-                    if finite[row]:
-                        job.result[i] = emb[row]
-                    elif job.error is None:
-                        try:
-                            self.encoder.checked(emb[row:row + 1])
-                        except FloatingPointError as exc:
-                            job.error = exc
+                batch = self.encoder.collate([t for _, _, t in chunk])
+                if per_token:
+                    hidden = self.encoder.token_states(batch).float().cpu()
+                    for row, (job, i, t) in enumerate(chunk):  # each input's own tokens, without the padding
+                        offset = hidden.shape[1] - len(t.ids) if left else 0
+                        self._store(job, i, hidden[row, offset:offset + len(t.ids)].clone())
+                else:
+                    emb = self.encoder.forward(batch).float().cpu()
+                    for row, (job, i, _) in enumerate(chunk):
+                        self._store(job, i, emb[row])
                 self.batches += 1
                 self.inputs += len(chunk)
                 start += n
-        for job in jobs:
-            self._finish(job, job.error)
+
+    def _store(self, job: _Job, i: int, value: torch.Tensor) -> None:
+        """Input ``i``'s result; checked on its own, so a NaN fails its own request only, not the batch's others."""
+        if bool(torch.isfinite(value).all()):
+            job.result[i] = value
+        elif job.error is None:
+            try:
+                self.encoder.checked(value)
+            except FloatingPointError as exc:
+                job.error = exc
 
     @staticmethod
     def _finish(job: _Job, exc: BaseException | None) -> None:
@@ -397,27 +420,33 @@ def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
             "dimensions": dims}
 
 
-def parse_tei_request(body: bytes, cfg: ServeConfig, dim: int) -> dict[str, Any]:
+def _parse_bool(data: dict[str, Any], name: str, default: bool) -> bool:
+    value = data.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise APIError(400, f"{name} must be a boolean, got {_json_type(value)}.", param=name)
+    return default if value is None else value
+
+
+def parse_tei_request(body: bytes, cfg: ServeConfig, dim: int | None) -> dict[str, Any]:
     """Validate a TEI ``/embed`` body (``inputs``, ``normalize``, ``truncate``, ``truncation_direction``,
     ``prompt_name``, ``dimensions``; l2v's ``instruction`` too) into ``texts``, ``instruction``, ``normalize``,
     ``truncate`` (None: an over-long input is an error; else the side that is cut) and ``dimensions``. Fields
-    TEI does not read are ignored, as TEI does (huggingface_hub may send ``encoding_format``)."""
+    TEI does not read are ignored, as TEI does (huggingface_hub may send ``encoding_format``). ``dim=None``:
+    ``/embed_all``, which has neither ``normalize`` nor ``dimensions`` in TEI (its token states are raw)."""
     data = _load_object(body)
     texts = _parse_texts(data, "inputs", cfg, "")
-    flags: dict[str, bool] = {}
-    for name, default in (("normalize", cfg.normalize), ("truncate", False)):
-        value = data.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise APIError(400, f"{name} must be a boolean, got {_json_type(value)}.", param=name)
-        flags[name] = default if value is None else value
+    truncate = _parse_bool(data, "truncate", False)
     side = data.get("truncation_direction")
     if side is None:
         side = "right"
     if side not in ("right", "left", "Right", "Left"):  # TEI's spellings
         raise APIError(400, f"truncation_direction must be 'right' or 'left', got {side!r}.",
                        param="truncation_direction")
-    return {"texts": texts, "instruction": _resolve_instruction(data, cfg), "normalize": flags["normalize"],
-            "truncate": side.lower() if flags["truncate"] else None, "dimensions": _parse_dimensions(data, dim)}
+    req = {"texts": texts, "instruction": _resolve_instruction(data, cfg),
+           "truncate": side.lower() if truncate else None}
+    if dim is not None:
+        req.update(normalize=_parse_bool(data, "normalize", cfg.normalize), dimensions=_parse_dimensions(data, dim))
+    return req
 
 
 def format_embeddings(vectors: torch.Tensor, fmt: str, dimensions: int | None, normalize: bool) -> list[Any]:
@@ -459,7 +488,7 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
 
     app = FastAPI(title="l2v embeddings", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.l2v = state
-    tei_paths = {"/embed", "/info", "/"}  # their errors take TEI's shape and statuses
+    tei_paths = {"/embed", "/embed_all", "/info", "/"}  # their errors take TEI's shape and statuses
 
     def error_response(request: Request, exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
         if request.url.path in tei_paths:
@@ -530,15 +559,22 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
                                    param=where, code="max_input_tokens")
         return items
 
-    async def encode(items: list[Tokenized]) -> torch.Tensor:
-        """The float32 (n, dim) vectors of ``items``, from the micro-batcher shared by every route."""
+    async def json_off_loop(make: Callable[[], Any]) -> Response:
+        """``make()`` serialised to JSON in the thread pool: a large answer (token states, long token lists)
+        would otherwise hold the event loop that every other request waits on."""
+        body = await run_in_threadpool(lambda: json.dumps(make(), ensure_ascii=False, separators=(",", ":")))
+        return Response(body.encode("utf-8"), media_type="application/json")
+
+    async def encode(items: list[Tokenized], per_token: bool = False) -> Any:
+        """The float32 (n, dim) vectors of ``items`` (``per_token``: a (len(ids), dim) tensor per item), from the
+        micro-batcher shared by every route."""
         batcher: MicroBatcher | None = state.get("batcher")
         if batcher is None:
             if state.get("stopping"):
                 raise _shutting_down()
             raise APIError(503, "server is starting; retry.", code="starting", type_="server_error")
         try:
-            return await batcher.submit(items, asyncio.get_running_loop())
+            return await batcher.submit(items, asyncio.get_running_loop(), per_token)
         except APIError:
             raise
         except Exception as exc:  # a model failure: report it, keep serving
@@ -595,6 +631,18 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
         items = await run_in_threadpool(tokenize, req["texts"], req["instruction"], "inputs", req["truncate"])
         vectors = await encode(items)
         return JSONResponse(format_embeddings(vectors, "float", req["dimensions"], req["normalize"]))
+
+    @app.post("/embed_all")
+    async def tei_embed_all(request: Request):
+        """TEI's ``/embed_all``: per input, the last hidden state of each token the model ran (special tokens and
+        the instruction included), unpooled and unnormalised."""
+        authorize(request)
+        body = await read_body(request)
+        req = parse_tei_request(body, cfg, None)
+        items = await run_in_threadpool(tokenize, req["texts"], req["instruction"], "inputs", req["truncate"])
+        states = await encode(items, per_token=True)
+        # tokens x dim floats per input: serialised off the event loop, which every other request waits on
+        return await json_off_loop(lambda: [s.numpy().tolist() for s in states])
 
     @app.get("/info")
     async def tei_info(request: Request):

@@ -15,7 +15,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from tiny import save_tiny
+import torch
+from tiny import save_tiny, tiny_tokenizer
 
 from l2v import Encoder
 from l2v.serve import ServeConfig, create_app, free_port, running_server
@@ -693,10 +694,12 @@ def test_tei_errors_have_tei_shape_and_status(server, path, body, status, error_
 
 
 def test_tei_auth_and_public_routes(server):
-    """/embed, / (POST) and /info need the API key as /v1/embeddings does; GET / is TEI's health route."""
+    """/embed, / (POST), /embed_all and /info need the API key as /v1/embeddings does; GET / is TEI's health
+    route."""
     url = server[0]
     for key in (None, "wrong"):
         for r in [tei(url, "/embed", {"inputs": "hi"}, key=key), tei(url, "/", {"inputs": "hi"}, key=key),
+                  tei(url, "/embed_all", {"inputs": "hi"}, key=key),
                   httpx.get(url + "/info", headers={} if key is None else {"authorization": f"Bearer {key}"})]:
             assert r.status_code == 401, r.text
             assert r.json() == {"error": "missing or invalid API key (send 'Authorization: Bearer <key>').",
@@ -785,3 +788,158 @@ def test_huggingface_hub_inference_client(server, encoder):
     with pytest.raises(hf.errors.HfHubHTTPError) as info:
         hf.InferenceClient(base_url=server[0], api_key="wrong").feature_extraction("hi")
     assert info.value.response.status_code == 401
+
+
+# ----------------------------------------------------------------------------------- TEI: token embeddings
+def token_states(enc: Encoder, text: str, instruction: str | None = None) -> np.ndarray:
+    """The last hidden states of ``text``'s tokens, run alone (no padding): what /embed_all must answer."""
+    with torch.inference_mode():
+        return enc.token_states(enc.collate([enc.tokenize_one(text, instruction)]))[0].float().numpy()
+
+
+def test_tei_embed_all_matches_token_states(server, encoder):
+    """/embed_all: per input, one raw (unnormalised) vector per token the model ran, instruction tokens included;
+    the mean over the text's tokens is the pooled /embed vector (mean pooling, no special tokens here)."""
+    url = server[0]
+    texts = ["The quick brown fox", "a", "Machine learning models turn text into vectors."]
+    r = tei(url, "/embed_all", {"inputs": texts})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert len(got) == 3
+    for text, states in zip(texts, got, strict=True):
+        states = np.array(states, dtype=np.float32)
+        assert states.shape == (len(encoder.tokenize_one(text).ids), encoder.dim)
+        np.testing.assert_allclose(states, token_states(encoder, text), atol=1e-5)
+        np.testing.assert_allclose(states.mean(0), encoder.encode(text), atol=1e-5)
+    assert abs(np.linalg.norm(got[0][0]) - 1) > 1e-3  # not normalised
+    one = tei(url, "/embed_all", {"inputs": texts[0], "normalize": True, "dimensions": 8}).json()  # both ignored
+    np.testing.assert_allclose(np.array(one[0]), token_states(encoder, texts[0]), atol=1e-5)
+    r = tei(url, "/embed_all", {"inputs": texts[:1], "prompt_name": "query"})
+    np.testing.assert_allclose(np.array(r.json()[0]), token_states(encoder, texts[0], QUERY), atol=1e-5)
+    item = encoder.tokenize_one(texts[0], QUERY)
+    np.testing.assert_allclose(np.array(r.json()[0])[item.start:item.end].mean(0),
+                               encoder.encode(texts[0], instruction=QUERY), atol=1e-5)
+
+
+def test_tei_embed_all_truncates_like_embed(server, encoder):
+    long = "x" * 80 + "y" * 40
+    r = tei(server[0], "/embed_all", {"inputs": ["ok", long]})
+    assert r.status_code == 422 and r.json()["error"] == "inputs[1] is longer than max_input_tokens=32 tokens."
+    for extra, kept in [({}, "x" * 32), ({"truncation_direction": "left"}, "y" * 32)]:
+        r = tei(server[0], "/embed_all", {"inputs": long, "truncate": True, **extra})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()[0]), token_states(encoder, kept), atol=1e-5)
+
+
+@pytest.mark.parametrize("body,status,error_type,needle", [
+    (b"{}", 422, "Validation", "missing required field 'inputs'"),
+    (b'{"inputs": []}', 400, "Empty", "inputs must not be an empty array"),
+    (b'{"inputs": ["ok", ""]}', 400, "Empty", "inputs[1] is an empty string"),
+    (b'{"inputs": [1, 2, 3]}', 422, "Validation", "token-id input is not supported"),
+    (b'{"inputs": "a", "truncate": "yes"}', 422, "Validation", "truncate must be a boolean"),
+    (b'{"inputs": "a", "truncation_direction": "up"}', 422, "Validation", "truncation_direction"),
+    (b'{"inputs": "a", "prompt_name": "passage"}', 422, "Validation", "unknown prompt_name 'passage'"),
+    (json.dumps({"inputs": ["x"] * 9}).encode(), 422, "Validation", "max_inputs=8"),
+    (json.dumps({"inputs": "a", "instruction": "word " * 100}).encode(), 422, "Validation", "leaving no room"),
+    (json.dumps({"inputs": "x" * 30_000}).encode(), 413, "Validation", "max_body_bytes=20000"),
+])
+def test_tei_embed_all_errors(server, body, status, error_type, needle):
+    r = tei(server[0], "/embed_all", body)
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error", "error_type"} and r.json()["error_type"] == error_type, r.json()
+    assert needle in r.json()["error"], r.json()
+
+
+def test_tei_embed_all_backend_failure_and_shutdown(tiny_dir):
+    """Non-finite token states are a 424 Backend, a stopped batcher a 503 Unhealthy, as on /embed."""
+    enc = Encoder.from_pretrained(tiny_dir, dtype="float32", device="cpu")
+    states = enc.token_states
+    app = create_app(enc, ServeConfig(model_name=NAME, batch_wait_ms=1))
+    with running_server(app) as url:
+        enc.token_states = lambda batch: states(batch) * float("nan")
+        r = tei(url, "/embed_all", {"inputs": "a"}, key=None)
+        assert r.status_code == 424 and r.json()["error_type"] == "Backend", r.text
+        assert "non-finite" in r.json()["error"]
+        del enc.token_states
+        assert tei(url, "/embed_all", {"inputs": "a"}, key=None).status_code == 200
+        app.state.l2v["batcher"].stop()
+        r = tei(url, "/embed_all", {"inputs": "a"}, key=None)
+        assert r.status_code == 503 and r.json()["error_type"] == "Unhealthy", r.text
+
+
+def test_tei_embed_all_is_micro_batched(encoder):
+    """Concurrent /embed_all requests share one forward pass; an /embed request collected with them gets its own
+    (the pooled pass), and every answer is right."""
+    text = "shared text here"
+    n = len(encoder.tokenize_one(text).ids)
+    app = create_app(encoder, ServeConfig(model_name=NAME, batch_wait_ms=10_000, max_batch_tokens=3 * n))
+    results: dict[str, list] = {}
+    barrier = threading.Barrier(3)
+
+    def one(key: str) -> None:
+        barrier.wait()
+        path = "/embed" if key == "embed" else "/embed_all"
+        results[key] = tei(url, path, {"inputs": text, "normalize": False}, key=None).json()
+
+    with running_server(app) as url:
+        threads = [threading.Thread(target=one, args=(k,)) for k in ("all-1", "all-2", "embed")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        batcher = app.state.l2v["batcher"]
+        assert batcher.batches == 2 and batcher.inputs == 3
+    for key in ("all-1", "all-2"):
+        np.testing.assert_allclose(np.array(results[key][0]), token_states(encoder, text), atol=1e-5)
+    np.testing.assert_allclose(np.array(results["embed"][0]), encoder.encode(text), atol=1e-5)
+
+
+def test_batcher_per_token_strips_padding_on_either_side(tiny_dir):
+    """Per-token results are each input's own tokens, whichever side the batch was padded on (left: a
+    last-token encoder), equal to the input run alone; a non-finite one fails its own request only."""
+    from l2v.serve import MicroBatcher
+
+    base = Encoder.from_pretrained(tiny_dir, dtype="float32", device="cpu")
+    texts = ["one", "a much longer text than the others", "two words"]
+    for enc in (base, Encoder(base.model, tiny_tokenizer("left"), pooling="last_token")):
+        batcher = MicroBatcher(enc, batch_wait_ms=1)
+        try:
+            got = batcher.encode_sync([enc.tokenize_one(t) for t in texts], timeout=30, per_token=True)
+        finally:
+            batcher.stop()
+        assert batcher.batches == 1
+        for text, states in zip(texts, got, strict=True):
+            np.testing.assert_allclose(states.numpy(), token_states(enc, text), atol=1e-5, err_msg=enc.padding_side)
+    assert enc.padding_side == "left"
+
+    good = [base.tokenize_one(t) for t in texts[:2]]
+    sentinel = max(max(t.ids) for t in good) + 1
+    bad = base.tokenize_one("poisoned text")
+    bad.ids[0] = sentinel
+    states = base.token_states
+    base.token_states = lambda batch: states(batch).masked_fill(
+        (batch["input_ids"] == sentinel).any(-1)[:, None, None], float("nan"))
+    batcher = MicroBatcher(base, batch_wait_ms=500)
+    results: dict[str, object] = {}
+
+    def one(name: str, items) -> None:
+        try:
+            results[name] = batcher.encode_sync(items, timeout=30, per_token=True)
+        except Exception as exc:  # noqa: BLE001
+            results[name] = exc
+
+    try:
+        threads = [threading.Thread(target=one, args=("bad", [good[0], bad])),
+                   threading.Thread(target=one, args=("good", good))]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(60)
+    finally:
+        batcher.stop()
+        del base.token_states
+    assert isinstance(results["bad"], FloatingPointError), results["bad"]
+    assert batcher.batches == 1 and not isinstance(results["good"], Exception), results["good"]
+    for text, states in zip(texts[:2], results["good"], strict=True):
+        np.testing.assert_allclose(states.numpy(), token_states(base, text), atol=1e-5)
