@@ -449,6 +449,90 @@ def parse_tei_request(body: bytes, cfg: ServeConfig, dim: int | None) -> dict[st
     return req
 
 
+def parse_tokenize_request(body: bytes, cfg: ServeConfig) -> dict[str, Any]:
+    """Validate a TEI ``/tokenize`` body (``inputs``, ``add_special_tokens``, ``prompt_name``; l2v's
+    ``instruction`` too) into ``texts``, ``add_special_tokens`` and ``instruction``."""
+    data = _load_object(body)
+    return {"texts": _parse_texts(data, "inputs", cfg, ""), "instruction": _resolve_instruction(data, cfg),
+            "add_special_tokens": _parse_bool(data, "add_special_tokens", True)}
+
+
+def parse_decode_request(body: bytes, cfg: ServeConfig, vocab_size: int) -> dict[str, Any]:
+    """Validate a TEI ``/decode`` body (``ids``: one array of token ids or an array of them, at most
+    ``max_inputs``; ``skip_special_tokens``) into ``ids`` (always a list of sequences) and ``skip_special_tokens``.
+    An id outside the vocabulary is refused by name: the tokenizer would silently drop it (or fail, if negative)."""
+    data = _load_object(body)
+    what = "an array of token ids or an array of such arrays"
+    if "ids" not in data:
+        raise APIError(400, f"missing required field 'ids' ({what}).", param="ids")
+    raw = data["ids"]
+    if not isinstance(raw, list):
+        raise APIError(400, f"ids must be {what}, got {_json_type(raw)}.", param="ids")
+    if not raw:
+        raise APIError(400, "ids must not be an empty array.", param="ids", code="empty")
+    nested = all(isinstance(x, list) for x in raw)
+    if nested and len(raw) > cfg.max_inputs:
+        raise APIError(413, f"ids has {len(raw)} arrays; the limit is max_inputs={cfg.max_inputs}.", param="ids",
+                       code="max_inputs")
+    seqs = raw if nested else [raw]
+    for i, seq in enumerate(seqs):
+        where = f"ids[{i}]" if nested else "ids"
+        if not seq:
+            raise APIError(400, f"{where} must not be an empty array.", param=where, code="empty")
+        for j, x in enumerate(seq):
+            if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < vocab_size:
+                got = f"{x}" if isinstance(x, int) and not isinstance(x, bool) else _json_type(x)
+                raise APIError(400, f"{where}[{j}] must be a token id, an integer in [0, {vocab_size}), got {got}.",
+                               param=where)
+    return {"ids": seqs, "skip_special_tokens": _parse_bool(data, "skip_special_tokens", True)}
+
+
+def _utf8_offsets(text: str) -> np.ndarray:
+    """The UTF-8 byte offset of each character index of ``text`` (one more entry than characters)."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    sizes = 1 + (codes >= 0x80) + (codes >= 0x800) + (codes >= 0x10000)
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+def tei_tokens(tokenizer: Any, texts: list[str], instruction: str | None, prefix: list[int], suffix: list[int],
+               ) -> list[list[dict[str, Any]]]:
+    """TEI's ``/tokenize`` answer: per text, ``[prefix] instruction text [suffix]`` as the encoder assembles them
+    (the instruction and the text tokenised apart), each token ``{id, text, special, start, stop}``. As in TEI,
+    where the prompt is prepended to the input, ``start``/``stop`` are UTF-8 byte offsets into the instruction
+    followed by the text (into the text alone without one) and ``text`` is that span; the special tokens the
+    encoder adds have their token string and null offsets. A slow (Python) tokenizer has no offsets: every token
+    then gets its token string and null offsets."""
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    pieces = [instruction, *texts] if instruction else texts
+    enc = tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=fast)
+    all_ids: list[list[int]] = enc["input_ids"]
+    spans = enc["offset_mapping"] if fast else [None] * len(pieces)
+    instr_ids, instr_spans = (all_ids[0], spans[0]) if instruction else ([], [])
+    shift = len(instruction or "")
+    names = {}
+    for ids in (prefix, suffix, *([] if fast else all_ids)):
+        names.update(zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True))
+
+    def special(ids: list[int]) -> list[dict[str, Any]]:
+        return [{"id": i, "text": names[i], "special": True, "start": None, "stop": None} for i in ids]
+
+    out = []
+    for ids, span, text in zip(all_ids[len(all_ids) - len(texts):], spans[len(spans) - len(texts):], texts,
+                               strict=True):
+        source = (instruction or "") + text
+        tokens = special(prefix)
+        if span is None:
+            tokens += [{"id": i, "text": names[i], "special": False, "start": None, "stop": None}
+                       for i in instr_ids + ids]
+        else:
+            at = range(len(source) + 1) if source.isascii() else _utf8_offsets(source).tolist()
+            for i, (a, b) in zip(instr_ids + ids, instr_spans + [(a + shift, b + shift) for a, b in span],
+                                 strict=True):
+                tokens.append({"id": i, "text": source[a:b], "special": False, "start": at[a], "stop": at[b]})
+        out.append(tokens + special(suffix))
+    return out
+
+
 def format_embeddings(vectors: torch.Tensor, fmt: str, dimensions: int | None, normalize: bool) -> list[Any]:
     if dimensions is not None:
         vectors = vectors[:, :dimensions]
@@ -474,6 +558,9 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     tokenize_lock = threading.Lock()  # HF fast tokenizers are not safe to call from several threads at once
+    probe = encoder.tokenize_one("a")  # the special tokens the encoder puts around every text (for /tokenize)
+    added = (probe.ids[:probe.start], probe.ids[probe.end:]) if probe.start >= 0 else (probe.ids, [])
+    vocab_size = len(encoder.tokenizer)
     state: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -488,7 +575,7 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
 
     app = FastAPI(title="l2v embeddings", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.l2v = state
-    tei_paths = {"/embed", "/embed_all", "/info", "/"}  # their errors take TEI's shape and statuses
+    tei_paths = {"/embed", "/embed_all", "/tokenize", "/decode", "/info", "/"}  # their errors take TEI's shape and statuses
 
     def error_response(request: Request, exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
         if request.url.path in tei_paths:
@@ -635,7 +722,7 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
     @app.post("/embed_all")
     async def tei_embed_all(request: Request):
         """TEI's ``/embed_all``: per input, the last hidden state of each token the model ran (special tokens and
-        the instruction included), unpooled and unnormalised."""
+        the instruction included, as ``/tokenize`` lists them), unpooled and unnormalised."""
         authorize(request)
         body = await read_body(request)
         req = parse_tei_request(body, cfg, None)
@@ -643,6 +730,32 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
         states = await encode(items, per_token=True)
         # tokens x dim floats per input: serialised off the event loop, which every other request waits on
         return await json_off_loop(lambda: [s.numpy().tolist() for s in states])
+
+    @app.post("/tokenize")
+    async def tei_tokenize(request: Request):
+        """TEI's ``/tokenize``: per input (a single string too), the tokens the model would run, with no length
+        limit or truncation (clients use it to count tokens before they embed)."""
+        authorize(request)
+        req = parse_tokenize_request(await read_body(request), cfg)
+        prefix, suffix = added if req["add_special_tokens"] else ([], [])
+
+        def run() -> list[list[dict[str, Any]]]:
+            with tokenize_lock:
+                return tei_tokens(encoder.tokenizer, req["texts"], req["instruction"], prefix, suffix)
+
+        return await json_off_loop(run)
+
+    @app.post("/decode")
+    async def tei_decode(request: Request):
+        """TEI's ``/decode``: one string per array of ids (a list even for a single array, as TEI answers)."""
+        authorize(request)
+        req = parse_decode_request(await read_body(request), cfg, vocab_size)
+
+        def run() -> list[str]:
+            with tokenize_lock:
+                return encoder.tokenizer.batch_decode(req["ids"], skip_special_tokens=req["skip_special_tokens"])
+
+        return await json_off_loop(run)
 
     @app.get("/info")
     async def tei_info(request: Request):

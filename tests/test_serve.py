@@ -694,12 +694,13 @@ def test_tei_errors_have_tei_shape_and_status(server, path, body, status, error_
 
 
 def test_tei_auth_and_public_routes(server):
-    """/embed, / (POST), /embed_all and /info need the API key as /v1/embeddings does; GET / is TEI's health
-    route."""
+    """/embed, / (POST), /embed_all, /tokenize, /decode and /info need the API key as /v1/embeddings does; GET /
+    is TEI's health route."""
     url = server[0]
     for key in (None, "wrong"):
         for r in [tei(url, "/embed", {"inputs": "hi"}, key=key), tei(url, "/", {"inputs": "hi"}, key=key),
-                  tei(url, "/embed_all", {"inputs": "hi"}, key=key),
+                  tei(url, "/embed_all", {"inputs": "hi"}, key=key), tei(url, "/tokenize", {"inputs": "hi"}, key=key),
+                  tei(url, "/decode", {"ids": [68]}, key=key),
                   httpx.get(url + "/info", headers={} if key is None else {"authorization": f"Bearer {key}"})]:
             assert r.status_code == 401, r.text
             assert r.json() == {"error": "missing or invalid API key (send 'Authorization: Bearer <key>').",
@@ -943,3 +944,111 @@ def test_batcher_per_token_strips_padding_on_either_side(tiny_dir):
     assert batcher.batches == 1 and not isinstance(results["good"], Exception), results["good"]
     for text, states in zip(texts[:2], results["good"], strict=True):
         np.testing.assert_allclose(states.numpy(), token_states(base, text), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ TEI: tokenize and decode
+def spans_of(source: str, tokens: list[dict]) -> list[str]:
+    """Each non-special token's [start, stop) as UTF-8 byte offsets into ``source``, decoded."""
+    raw = source.encode("utf-8")
+    return [raw[t["start"]:t["stop"]].decode("utf-8") for t in tokens if not t["special"]]
+
+
+def test_tei_tokenize(server, encoder):
+    """/tokenize lists the ids the encoder runs, each with its text and UTF-8 byte offsets into the input (as
+    TEI), one list per input (a single string too), with no length limit: it is how clients count tokens."""
+    url = server[0]
+    texts = ["The quick brown fox", "café au lait ☕!"]
+    r = tei(url, "/tokenize", {"inputs": texts})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert len(got) == 2
+    for text, tokens in zip(texts, got, strict=True):
+        assert [t["id"] for t in tokens] == encoder.tokenize_one(text).ids
+        assert all(set(t) == {"id", "text", "special", "start", "stop"} and not t["special"] for t in tokens)
+        assert spans_of(text, tokens) == [t["text"] for t in tokens]
+        assert tokens[-1]["stop"] == len(text.encode("utf-8"))
+    assert got[1][-1]["start"] == len("café au lait ☕".encode()) == 17  # bytes, not the 14 characters
+    assert tei(url, "/tokenize", {"inputs": texts[0]}).json() == got[:1]
+    long = "word " * 50  # beyond max_input_tokens=32: counted, not refused or truncated
+    r = tei(url, "/tokenize", {"inputs": long, "truncate": True})
+    assert r.status_code == 200 and len(r.json()[0]) == len(encoder.tokenizer(long)["input_ids"]) > 32
+
+
+def test_tei_tokenize_with_an_instruction(server, encoder):
+    """With prompt_name (or instruction) the instruction's tokens come first, as the model runs them, and offsets
+    index the instruction followed by the input, as TEI's index the prompt followed by the input."""
+    text = "how much protein"
+    for extra, instruction in [({"prompt_name": "query"}, QUERY), ({"instruction": OTHER}, OTHER),
+                               ({"prompt_name": "document"}, None)]:
+        tokens = tei(server[0], "/tokenize", {"inputs": [text], **extra}).json()[0]
+        assert [t["id"] for t in tokens] == encoder.tokenize_one(text, instruction).ids, extra
+        source = (instruction or "") + text
+        assert spans_of(source, tokens) == [t["text"] for t in tokens]
+        assert "".join(t["text"] for t in tokens) == source
+
+
+def test_tei_tokenize_special_tokens_and_embed_all_agree(tiny_dir):
+    """The special tokens the encoder adds (here the EOS of last-token pooling) are listed with special: true and
+    null offsets, left out with add_special_tokens: false; /embed_all answers one vector per listed token."""
+    base = Encoder.from_pretrained(tiny_dir, dtype="float32", device="cpu")
+    enc = Encoder(base.model, tiny_tokenizer("left"), pooling="last_token")
+    text = "The quick brown fox"
+    with running_server(create_app(enc, ServeConfig(model_name=NAME, batch_wait_ms=1))) as url:
+        tokens = tei(url, "/tokenize", {"inputs": text}, key=None).json()[0]
+        plain = tei(url, "/tokenize", {"inputs": text, "add_special_tokens": False}, key=None).json()[0]
+        states = tei(url, "/embed_all", {"inputs": text}, key=None).json()[0]
+    assert tokens[-1] == {"id": enc.tokenizer.eos_token_id, "text": "</s>", "special": True, "start": None,
+                          "stop": None}
+    assert plain == tokens[:-1] and not any(t["special"] for t in plain)
+    assert len(states) == len(tokens)
+    np.testing.assert_allclose(np.array(states), token_states(enc, text), atol=1e-5)
+
+
+def test_tei_decode(server, encoder):
+    """/decode: one string per array of ids, a list even for a single array (TEI's answer); special tokens are
+    skipped unless skip_special_tokens is false."""
+    url = server[0]
+    texts = ["The quick brown fox", "café au lait ☕!"]
+    ids = [encoder.tokenize_one(t).ids for t in texts]
+    r = tei(url, "/decode", {"ids": ids})
+    assert r.status_code == 200 and r.json() == texts, r.text
+    assert tei(url, "/decode", {"ids": ids[0]}).json() == texts[:1]
+    bos, eos = encoder.tokenizer.bos_token_id, encoder.tokenizer.eos_token_id
+    assert tei(url, "/decode", {"ids": [bos, *ids[0], eos]}).json() == texts[:1]
+    assert tei(url, "/decode", {"ids": [bos, *ids[0], eos], "skip_special_tokens": False}).json() == [
+        f"<s>{texts[0]}</s>"]
+
+
+@pytest.mark.parametrize("path,body,status,error_type,needle", [
+    ("/tokenize", b"{}", 422, "Validation", "missing required field 'inputs'"),
+    ("/tokenize", b'{"inputs": []}', 400, "Empty", "inputs must not be an empty array"),
+    ("/tokenize", b'{"inputs": ""}', 400, "Empty", "inputs is an empty string"),
+    ("/tokenize", b'{"inputs": ["ok", 3]}', 422, "Validation", "inputs[1] must be a string"),
+    ("/tokenize", b'{"inputs": "a", "add_special_tokens": "no"}', 422, "Validation",
+     "add_special_tokens must be a boolean, got a string"),
+    ("/tokenize", b'{"inputs": "a", "prompt_name": "passage"}', 422, "Validation", "unknown prompt_name 'passage'"),
+    ("/tokenize", json.dumps({"inputs": ["x"] * 9}).encode(), 422, "Validation", "max_inputs=8"),
+    ("/tokenize", json.dumps({"inputs": "x" * 30_000}).encode(), 413, "Validation", "max_body_bytes=20000"),
+    ("/decode", b"{not json", 422, "Validation", "not valid JSON"),
+    ("/decode", b"{}", 422, "Validation", "missing required field 'ids'"),
+    ("/decode", b'{"inputs": "a"}', 422, "Validation", "missing required field 'ids'"),
+    ("/decode", b'{"ids": "abc"}', 422, "Validation", "ids must be an array of token ids or an array of such"),
+    ("/decode", b'{"ids": []}', 400, "Empty", "ids must not be an empty array"),
+    ("/decode", b'{"ids": [[1], []]}', 400, "Empty", "ids[1] must not be an empty array"),
+    ("/decode", b'{"ids": [68, -1]}', 422, "Validation", "ids[1] must be a token id, an integer in [0, 320), got -1"),
+    ("/decode", b'{"ids": [68, 320]}', 422, "Validation", "ids[1] must be a token id, an integer in [0, 320), got 320"),
+    ("/decode", b'{"ids": [[68], [68, "x"]]}', 422, "Validation", "ids[1][1] must be a token id, an integer in "
+                                                                "[0, 320), got a string"),
+    ("/decode", b'{"ids": [68, true]}', 422, "Validation", "ids[1] must be a token id, an integer in [0, 320), got "
+                                                         "a boolean"),
+    ("/decode", b'{"ids": [68, 2.5]}', 422, "Validation", "got a number"),
+    ("/decode", b'{"ids": [68, [69]]}', 422, "Validation", "ids[1] must be a token id, an integer in [0, 320), got "
+                                                         "an array"),
+    ("/decode", b'{"ids": [68], "skip_special_tokens": 1}', 422, "Validation", "skip_special_tokens must be a boolean"),
+    ("/decode", json.dumps({"ids": [[68]] * 9}).encode(), 422, "Validation", "max_inputs=8"),
+])
+def test_tei_tokenize_and_decode_errors(server, path, body, status, error_type, needle):
+    r = tei(server[0], path, body)
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error", "error_type"} and r.json()["error_type"] == error_type, r.json()
+    assert needle in r.json()["error"], r.json()
