@@ -1,11 +1,12 @@
 """An OpenAI-compatible embedding server: ``POST /v1/embeddings``, ``GET /v1/models[/{id}]``, ``GET /health``;
-and Hugging Face text-embeddings-inference's (TEI) ``POST /embed``, ``POST /`` and ``GET /info``.
+and Hugging Face text-embeddings-inference's (TEI) ``POST /embed``, ``POST /``, ``POST /embed_all`` (per-token
+states), ``POST /tokenize``, ``POST /decode`` and ``GET /info``.
 
 Requests are tokenised in the request handler (so per-input limits are answered at once) and handed to one
 :class:`MicroBatcher` thread that owns the model: it collects work from concurrent requests for up to
 ``batch_wait_ms`` or until ``max_batch_tokens`` padded tokens are queued, sorts it by length, runs the forward
 passes and wakes each request. Under concurrency the model therefore sees large length-sorted batches, as in an
-offline ``Encoder.encode``.
+offline ``Encoder.encode``. ``/embed_all``'s per-token work goes through it too.
 
 Instructions (LLM2Vec puts one on queries, none on documents): a request picks one with the extra body field
 ``prompt_name`` (a name from ``ServeConfig.prompts``, as in sentence-transformers and TEI) or ``instruction`` (the
@@ -575,7 +576,8 @@ def create_app(encoder: Encoder, config: ServeConfig | None = None):
 
     app = FastAPI(title="l2v embeddings", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.l2v = state
-    tei_paths = {"/embed", "/embed_all", "/tokenize", "/decode", "/info", "/"}  # their errors take TEI's shape and statuses
+    # their errors take TEI's shape and statuses
+    tei_paths = {"/embed", "/embed_all", "/tokenize", "/decode", "/info", "/"}
 
     def error_response(request: Request, exc: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
         if request.url.path in tei_paths:

@@ -90,7 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over OpenAI-compatible (/v1/embeddings) and "
                                      "text-embeddings-inference (/embed) HTTP APIs",
                        description="Serve POST /v1/embeddings (OpenAI-compatible), GET /v1/models and GET /health; "
-                                   "and text-embeddings-inference's POST /embed, POST / and GET /info. "
+                                   "and text-embeddings-inference's POST /embed, POST /, POST /embed_all, "
+                                   "POST /tokenize, POST /decode and GET /info. "
                                    "Concurrent requests are micro-batched. Binds to 127.0.0.1 unless --host says "
                                    "otherwise.")
     add_model_args(p, positional=True)
