@@ -103,7 +103,7 @@ def write_sentence_transformers_files(encoder: Encoder, directory: str | os.Path
         "model_type": "SentenceTransformer",
         "prompts": dict(prompts if prompts is not None else encoder.prompts or {"query": "", "document": ""}),
         "default_prompt_name": encoder.default_prompt_name if prompts is None else None,
-        "similarity_fn_name": "cosine",
+        "similarity_fn_name": encoder.similarity_fn_name,  # SentenceTransformer.similarity computes the same
     })
     _write_json(out / "1_Pooling" / "config.json", {
         "embedding_dimension": encoder.dim,

@@ -52,6 +52,19 @@ def test_sentence_transformer_matches_encoder(base, tmp_path, pooling):
         assert cos(inst, expected[:3]).min() < 0.9999  # the instruction did change the vectors
 
 
+@pytest.mark.parametrize("fn", ["dot", "manhattan"])
+def test_export_keeps_the_similarity_function(base, tmp_path, fn):
+    """sentence-transformers scores with the encoder's own similarity_fn_name (the export always wrote cosine)."""
+    enc = Encoder.from_pretrained(base, dtype="float32", device="cpu", max_length=24)
+    enc.similarity_fn_name = fn
+    out = export(enc, tmp_path / "exp")
+    assert json.loads((out / "config_sentence_transformers.json").read_text())["similarity_fn_name"] == fn
+    st = SentenceTransformer(str(out), device="cpu")
+    assert st.similarity_fn_name == fn
+    a, b = enc.encode(TEXTS[:2]), enc.encode(TEXTS[1:3])
+    np.testing.assert_allclose(st.similarity(a, b).numpy(), enc.similarity(a, b), rtol=1e-4, atol=1e-4)
+
+
 def test_sliding_window_model_exports_full_attention(tmp_path):
     enc = Encoder.from_pretrained(save_tiny("mistral", tmp_path / "mistral"), dtype="float32", device="cpu",
                                   max_length=200)  # tiny Mistral: sliding_window 64
