@@ -44,6 +44,7 @@ class L2VConfig:
     max_length: int = 512
     prompts: dict[str, str] = field(default_factory=dict)  # name -> instruction (encode's prompt_name)
     default_prompt_name: str | None = None
+    similarity_fn_name: str = "cosine"  # Encoder.similarity's function, as sentence-transformers saves it
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: str | os.PathLike) -> Path:

@@ -165,6 +165,14 @@ def check_prompts(prompts: Mapping[str, str] | None, default_prompt_name: str | 
     return dict(prompts), default_prompt_name
 
 
+def check_similarity_fn_name(name: Any) -> str:
+    """``name`` as one of :data:`SIMILARITY_FNS` (a ``sentence_transformers.SimilarityFunction`` member too)."""
+    name = getattr(name, "value", name)
+    if name not in SIMILARITY_FNS:
+        raise ValueError(f"similarity_fn_name must be one of {', '.join(map(repr, SIMILARITY_FNS))}, got {name!r}.")
+    return name
+
+
 def quantize_embeddings(embeddings: np.ndarray, precision: Precision) -> np.ndarray:
     """float32 (n, dim) embeddings as ``sentence_transformers.quantization.quantize_embeddings`` quantizes them
     without ``ranges`` or ``calibration_embeddings`` (what ``SentenceTransformer.encode(precision=...)`` does).
@@ -255,6 +263,7 @@ class Encoder(nn.Module):
         base_model: str | None = None,
         prompts: Mapping[str, str] | None = None,
         default_prompt_name: str | None = None,
+        similarity_fn_name: str = "cosine",
     ) -> None:
         super().__init__()
         self.model = model
@@ -269,7 +278,7 @@ class Encoder(nn.Module):
         self.base_model = base_model
         # As sentence-transformers: name -> instruction, chosen by encode(prompt_name=...) or default_prompt_name.
         self.prompts, self.default_prompt_name = check_prompts(prompts, default_prompt_name)
-        self._similarity_fn_name = "cosine"
+        self.similarity_fn_name = similarity_fn_name
         self.padding_side = getattr(tokenizer, "padding_side", "right") or "right"
         self._pad_id = self._pick_pad_id()
         self._takes_position_ids = "position_ids" in inspect.signature(self._forward_target().forward).parameters
@@ -360,6 +369,7 @@ class Encoder(nn.Module):
         prompts, default_prompt_name = check_prompts(
             {**((cfg.prompts or {}) if cfg else {}), **(prompts or {})},
             default_prompt_name if default_prompt_name is not None else (cfg.default_prompt_name if cfg else None))
+        similarity_fn_name = check_similarity_fn_name((cfg.similarity_fn_name if cfg else None) or "cosine")
         dev = _resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         use_kernel = _want_cpu_kernel(cpu_kernel, torch_dtype, dev)
@@ -412,7 +422,7 @@ class Encoder(nn.Module):
             "smollm2-135m" if is_default_model(None if model is None else str(model)) else str(model))
         return cls(net, tokenizer, pooling=pooling, max_length=max_length,
                    name=str(model) if model is not None else "smollm2-135m", base_model=base_name,
-                   prompts=prompts, default_prompt_name=default_prompt_name)
+                   prompts=prompts, default_prompt_name=default_prompt_name, similarity_fn_name=similarity_fn_name)
 
     def save_pretrained(self, directory: str | os.PathLike, **extra: Any) -> Path:
         """Save weights (safetensors), tokenizer and ``l2v_config.json``; reload with ``from_pretrained(dir)``."""
@@ -427,7 +437,8 @@ class Encoder(nn.Module):
         self.tokenizer.save_pretrained(out)
         L2VConfig(base_model=self.base_model, pooling=self.pooling, bidirectional=self.bidirectional,
                   max_length=self.max_length, prompts=dict(self.prompts),
-                  default_prompt_name=self.default_prompt_name, extra=extra).save(out)
+                  default_prompt_name=self.default_prompt_name, similarity_fn_name=self.similarity_fn_name,
+                  extra=extra).save(out)
         return out
 
     # --------------------------------------------------------------- properties
@@ -920,11 +931,7 @@ class Encoder(nn.Module):
 
     @similarity_fn_name.setter
     def similarity_fn_name(self, name: str) -> None:
-        name = getattr(name, "value", name)  # sentence_transformers.SimilarityFunction members
-        if name not in SIMILARITY_FNS:
-            raise ValueError(f"similarity_fn_name must be one of {', '.join(map(repr, SIMILARITY_FNS))}, "
-                             f"got {name!r}.")
-        self._similarity_fn_name = name
+        self._similarity_fn_name = check_similarity_fn_name(name)
 
     def similarity(self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
         """Similarity matrix between two sets of embeddings (``b`` defaults to ``a``), by ``similarity_fn_name``

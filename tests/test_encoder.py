@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -856,6 +857,26 @@ def test_prompts_saved_and_loaded(tmp_path):
     assert over.prompts == {"query": "Q:", "document": "", "extra": "E:"} and over.default_prompt_name == "extra"
     with pytest.raises(ValueError, match="default_prompt_name='nope'"):
         Encoder.from_pretrained(tmp_path / "enc", dtype="float32", device="cpu", default_prompt_name="nope")
+
+
+def test_similarity_fn_name_saved_and_loaded(tmp_path):
+    """Kept in l2v_config.json as sentence-transformers keeps it (a reloaded encoder used to score by cosine)."""
+    enc = tiny_encoder()
+    enc.similarity_fn_name = "manhattan"
+    enc.base_model = "tiny-llama"
+    enc.save_pretrained(tmp_path / "enc")
+    back = Encoder.from_pretrained(tmp_path / "enc", dtype="float32", device="cpu")
+    assert back.similarity_fn_name == "manhattan"
+    emb = enc.encode(TEXTS)
+    np.testing.assert_allclose(back.similarity(emb), enc.similarity(emb), atol=1e-5)
+    config = tmp_path / "enc" / "l2v_config.json"
+    data = json.loads(config.read_text())
+    del data["similarity_fn_name"]  # saved before the field existed: the default
+    config.write_text(json.dumps(data))
+    assert Encoder.from_pretrained(tmp_path / "enc", device="cpu").similarity_fn_name == "cosine"
+    config.write_text(json.dumps({**data, "similarity_fn_name": "maxsim"}))
+    with pytest.raises(ValueError, match="similarity_fn_name must be one of"):
+        Encoder.from_pretrained(tmp_path / "enc", device="cpu")
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8", "uint8", "binary", "ubinary"])
