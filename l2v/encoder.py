@@ -10,6 +10,7 @@ import inspect
 import json
 import numbers
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -693,7 +694,8 @@ class Encoder(nn.Module):
             out = compiled(**kwargs)
         except Exception as exc:  # noqa: BLE001 - any backend failure: fall back, never lose the job
             warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                          f"{'training' if grad else 'encoding'} without compilation.", stacklevel=3)
+                          f"{'training' if grad else 'encoding'} without compilation.",
+                          stacklevel=_caller_stacklevel(inspect.getfile(nn.Module)))  # via encode or encoder(batch)
             object.__setattr__(self, attr, None)
             if not grad:
                 self.packing = None
@@ -911,7 +913,7 @@ class Encoder(nn.Module):
             self.model.train(was_training)
         if n_trunc:
             warnings.warn(f"{n_trunc} of {len(texts)} texts were longer than max_length={self.max_length} "
-                          "tokens and were truncated.", stacklevel=3)
+                          "tokens and were truncated.", stacklevel=_caller_stacklevel())
         return out
 
     def checked(self, emb: torch.Tensor) -> torch.Tensor:
@@ -952,6 +954,17 @@ class Encoder(nn.Module):
         if fn in ("cosine", "dot"):
             return (ta @ tb.T).numpy()
         return (-torch.cdist(ta, tb, p=2.0 if fn == "euclidean" else 1.0)).numpy()
+
+
+def _caller_stacklevel(*skip: str) -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the calling function that names the first frame outside this file
+    (and the files ``skip``): the user's line, whichever entry point (``encode``, ``encode_query``, ...) led there
+    (Python 3.12's ``skip_file_prefixes``, for 3.11)."""
+    files = (__file__, *skip)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename in files:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def embedding_dim(config: Any) -> int | None:

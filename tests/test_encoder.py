@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -239,6 +240,18 @@ def test_overlong_texts_truncated_with_one_warning():
     assert len(trunc) == 1 and "2 of 3" in str(trunc[0].message)
     assert all(len(enc.tokenize_one(t).ids) <= 16 for t in (long, long + " more"))
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("call", ["encode", "encode_query", "encode_document"])
+def test_truncation_warning_points_at_the_callers_line(call):
+    """Each entry point warns at the user's line (encode_query's and encode_document's pointed into encoder.py)."""
+    enc = tiny_encoder(max_length=16, prompts={"query": "Find:", "document": "Doc:"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        getattr(enc, call)([" ".join(["word"] * 200), "short"])
+    [w] = [w for w in caught if "truncated" in str(w.message)]
+    assert (w.filename, w.lineno) == (__file__, line)
 
 
 def test_tokenize_one_text_cap_and_left_truncation():
@@ -702,8 +715,9 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     object.__setattr__(enc, "_compiled", broken)
-    with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
-        out = enc.encode(["a b c", "cats"])
+    with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler") as caught:
+        out = enc.encode_query(["a b c", "cats"])
+    assert [w.filename for w in caught if "compile" in str(w.message)] == [__file__]  # not encoder.py
     assert np.allclose(out, ref, atol=1e-5) and enc._compiled is None and enc.packing is None
 
 
@@ -722,8 +736,9 @@ def test_training_compile_uses_the_compiled_model_with_gradients_and_falls_back(
     with torch.no_grad():
         enc.forward(batch)  # no gradients: not the training graph
     assert not calls
-    with pytest.warns(UserWarning, match="torch.compile failed.*training without compilation"):
-        out = enc.forward(batch)
+    with pytest.warns(UserWarning, match="torch.compile failed.*training without compilation") as caught:
+        out = enc(batch)  # through nn.Module.__call__, as training calls it
+    assert [w.filename for w in caught if "compile" in str(w.message)] == [__file__]
     assert calls and out.requires_grad and torch.allclose(out, ref, atol=1e-5) and enc._compiled_train is None
 
 
