@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 try:
     from mteb.models.abs_encoder import AbsEncoder
@@ -26,6 +27,15 @@ try:
     from mteb.types import PromptType
 except ImportError as exc:  # pragma: no cover - depends on the optional extra
     raise ImportError("the mteb adapter needs the 'mteb' package (pip install 'l2v[eval]').") from exc
+
+
+_SCORING = {"cosine": ScoringFunction.COSINE, "dot": ScoringFunction.DOT_PRODUCT,
+            "euclidean": ScoringFunction.EUCLIDEAN, "manhattan": ScoringFunction.MANHATTAN}
+
+
+def _rows(x: Any) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32) if not isinstance(x, torch.Tensor) else x).float()
+    return t[None] if t.dim() == 1 else t
 
 
 class MTEBEncoder(AbsEncoder):
@@ -45,16 +55,34 @@ class MTEBEncoder(AbsEncoder):
         if raw.count("/") != 1 or raw.startswith((".", "/", "~")):
             raw = "l2v/" + (Path(raw.rstrip("/")).name or "l2v-encoder")
         self.model_name = raw
+        # the encoder's own similarity (sentence-transformers' names), so mteb scores what the encoder is used with
+        self.similarity_fn_name = str(getattr(encoder, "similarity_fn_name", None) or "cosine")
+        if self.similarity_fn_name not in _SCORING:
+            raise ValueError(f"MTEBEncoder: the encoder's similarity_fn_name {self.similarity_fn_name!r} is not one "
+                             f"of {', '.join(_SCORING)}")
         self.mteb_model_meta = ModelMeta.create_empty(overwrites={
             "name": self.model_name,
             "revision": "local",
             "embed_dim": int(getattr(encoder, "dim", 0)) or None,
             "max_tokens": getattr(encoder, "max_length", None),
-            "similarity_fn_name": ScoringFunction.COSINE,
+            "similarity_fn_name": _SCORING[self.similarity_fn_name],
             "use_instructions": use_instructions,
             "framework": ["PyTorch"],
             "open_weights": True,
         })
+
+    def similarity(self, embeddings1: Any, embeddings2: Any) -> Any:
+        """mteb's own cosine / dot; euclidean and manhattan (which mteb's base class does not compute) as
+        sentence-transformers scores them: the negative distance."""
+        if self.similarity_fn_name in ("cosine", "dot"):
+            return super().similarity(embeddings1, embeddings2)
+        return -torch.cdist(_rows(embeddings1), _rows(embeddings2), p=2 if self.similarity_fn_name == "euclidean" else 1)
+
+    def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> Any:
+        if self.similarity_fn_name in ("cosine", "dot"):
+            return super().similarity_pairwise(embeddings1, embeddings2)
+        diff = _rows(embeddings1) - _rows(embeddings2)
+        return -(diff.norm(dim=-1) if self.similarity_fn_name == "euclidean" else diff.abs().sum(-1))
 
     def instruction_for(self, task_metadata: Any, prompt_type: PromptType | None) -> str | None:
         """The instruction for this task and side (None for documents / when disabled)."""

@@ -90,3 +90,23 @@ def test_batch_without_text_column_is_a_clear_error(tiny_encoder):
     model = MTEBEncoder(tiny_encoder)
     with pytest.raises(ValueError, match="without a 'text' column"):
         model.encode([{"image": [1]}], task_metadata=LocalSTS.metadata, hf_split="test", hf_subset="default")
+
+
+@pytest.mark.parametrize("fn", ["cosine", "dot", "euclidean", "manhattan"])
+def test_adapter_scores_with_the_encoders_similarity(tiny_encoder, fn):
+    """mteb ranks by the model's declared similarity: the adapter declares (and computes) the encoder's own."""
+    import numpy as np
+    from mteb.models.model_meta import ScoringFunction
+
+    before = tiny_encoder.similarity_fn_name
+    tiny_encoder.similarity_fn_name = fn
+    try:
+        model = MTEBEncoder(tiny_encoder)
+        a = tiny_encoder.encode(["a cat sat", "stock prices fell", "hello"])
+        b = tiny_encoder.encode(["a dog ran", "markets dropped", "bye"])
+        want = tiny_encoder.similarity(a, b)
+    finally:
+        tiny_encoder.similarity_fn_name = before
+    assert model.mteb_model_meta.similarity_fn_name is ScoringFunction(fn)
+    np.testing.assert_allclose(np.asarray(model.similarity(a, b)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.similarity_pairwise(a, b)), np.diag(want), rtol=1e-5, atol=1e-5)
