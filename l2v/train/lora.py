@@ -46,6 +46,11 @@ class StartPoint:
     # The starting encoder's inference max length: training crops texts shorter (e.g. 128 for SimCSE), but the
     # saved encoder must keep embedding full-length texts.
     max_length: int = 512
+    # The starting encoder's named prompts and similarity function: the trained encoder keeps them, as
+    # sentence-transformers keeps a model's across fit + save (a plain base model has none / cosine).
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    similarity_fn_name: str = "cosine"
 
 
 def _adapter_list(value: Any) -> list[str]:
@@ -69,6 +74,9 @@ def resolve_start(model: str | None, adapter: str | None = None) -> StartPoint:
         start.adapters = [str((p / a).resolve()) for a in _adapter_list(lcfg.adapter)]
         start.tokenizer_path = str(p) if _has_tokenizer(p) else start.weights_path
         start.max_length = lcfg.max_length
+        start.prompts = dict(lcfg.prompts or {})
+        start.default_prompt_name = lcfg.default_prompt_name
+        start.similarity_fn_name = lcfg.similarity_fn_name or "cosine"
     elif (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
         base = _adapter_config(p).get("base_model_name_or_path")
         if not base:
@@ -268,7 +276,8 @@ def save_encoder_dir(out: str | Path, encoder: Encoder, start: StartPoint, cfg: 
     info = {"trained_with": "l2v", **(extra or {})}
     L2VConfig(base_model=start.base_model, adapter=adapters[0] if len(adapters) == 1 else adapters,
               pooling=encoder.pooling, bidirectional=bool(cfg.bidirectional),
-              max_length=max(start.max_length, encoder.max_length),
+              max_length=max(start.max_length, encoder.max_length), prompts=dict(start.prompts),
+              default_prompt_name=start.default_prompt_name, similarity_fn_name=start.similarity_fn_name,
               extra=info).save(out)
     if cfg.merge:
         # Merge from the saved adapters into fp32 base weights (the training copy may be bf16).

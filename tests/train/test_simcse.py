@@ -55,6 +55,8 @@ def test_simcse_from_mntp_encoder_stacks_adapters(tiny_dir, corpus, tmp_path):
     summary = train(simcse_cfg(str(tmp_path / "mntp"), corpus, tmp_path / "simcse", steps=4, lr=1e-2), obj)
     assert summary["final_loss"] > 0 and "val_loss" in summary["after"]
     out = tmp_path / "simcse"
+    mntp = json.loads((tmp_path / "mntp" / "l2v_config.json").read_text())  # a plain base model: the defaults
+    assert (mntp["prompts"], mntp["default_prompt_name"], mntp["similarity_fn_name"]) == ({}, None, "cosine")
     cfg = json.loads((out / "l2v_config.json").read_text())
     assert cfg["adapter"] == ["merged_0", "adapter"] and cfg["base_model"] == str(Path(tiny_dir).resolve())
     assert (out / "merged_0" / "adapter_model.safetensors").is_file()
@@ -65,6 +67,21 @@ def test_simcse_from_mntp_encoder_stacks_adapters(tiny_dir, corpus, tmp_path):
     assert torch.allclose(torch.as_tensor(got), torch.as_tensor(ref), atol=1e-4)
     mntp_only = Encoder.from_pretrained(str(tmp_path / "mntp"), device="cpu", dtype="float32").encode(texts)
     assert not torch.allclose(torch.as_tensor(mntp_only), torch.as_tensor(ref), atol=1e-4)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_trained_encoder_keeps_start_prompts_and_similarity(tiny_dir, corpus, tmp_path, merge):
+    # As sentence-transformers keeps a model's prompts and similarity function across fit + save.
+    prompts = {"query": "Retrieve passages that answer the question", "document": ""}
+    start = Encoder.from_pretrained(tiny_dir, device="cpu", dtype="float32", prompts=prompts,
+                                    default_prompt_name="query")
+    start.similarity_fn_name = "dot"
+    start.save_pretrained(tmp_path / "start")
+    train(simcse_cfg(str(tmp_path / "start"), corpus, tmp_path / "out", steps=2, merge=merge), SimCSEObjective())
+    out = tmp_path / "out"
+    assert (out / "config.json").is_file() == merge  # the merged layout holds full weights, else adapters
+    enc = Encoder.from_pretrained(str(out), device="cpu", dtype="float32")
+    assert enc.prompts == prompts and enc.default_prompt_name == "query" and enc.similarity_fn_name == "dot"
 
 
 def test_simcse_needs_two_sentences_per_batch():
