@@ -122,52 +122,6 @@ static void kern_any(int mr, int gated, const uint16_t* a, int64_t lda, const ui
   }
 }
 
-/* C[M, N] (fp32, row stride ldc) = A[M, K] (fp32, row stride lda) @ W^T + bias, W packed by l2v_pack_bf16.
-   A is rounded to bf16 (RNE), products are exact and accumulated in fp32. MB: rows converted per task.
-   Returns 0, or 1 when a scratch buffer could not be allocated. */
-int l2v_linear_f32(const float* A, int64_t lda, int64_t M, int64_t K, const uint16_t* Bp, int64_t N, const float* bias,
-                   float* C, int64_t ldc, int64_t MB, int nthreads, int gated) {
-  /* gated: W packs gate and up rows in alternating 32-row halves (N = 2 x outputs, no bias); C gets
-     silu(x @ gate^T) * (x @ up^T), N / 2 columns. */
-  int64_t K2 = (K + 1) / 2, Kp = 2 * K2, NB = (N + NR - 1) / NR, WN = gated ? NR / 2 : NR;
-  if (MB <= 0) MB = 96;
-  int64_t MBLK = (M + MB - 1) / MB;
-  int64_t ntask = MBLK * NB;
-  int err = 0;
-#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
-  {
-    int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    int64_t lo = ntask * t / nt, hi = ntask * (t + 1) / nt;
-    uint16_t* abuf = NULL;
-    if (hi > lo) {
-      abuf = (uint16_t*)aligned_alloc(64, ((MB * Kp * 2 + 63) / 64) * 64);
-      if (!abuf) {
-#pragma omp atomic write
-        err = 1;
-      }
-    }
-    int64_t cur = -1;
-    for (int64_t i = lo; abuf && i < hi; ++i) {
-      int64_t mb = i / NB, nb = i % NB;
-      int64_t m0 = mb * MB, mlen = M - m0 < MB ? M - m0 : MB;
-      if (mb != cur) {
-        for (int64_t r = 0; r < mlen; ++r) cvt_row(A + (m0 + r) * lda, abuf + r * Kp, K, K2);
-        cur = mb;
-      }
-      int64_t outs = gated ? N / 2 : N;
-      int ncols = (int)(outs - nb * WN < WN ? outs - nb * WN : WN);
-      const uint16_t* b = Bp + nb * K2 * NR * 2;
-      const float* bb = bias && !gated ? bias + nb * NR : NULL;
-      for (int64_t r = 0; r < mlen; r += MR) {
-        int mr = (int)(mlen - r < MR ? mlen - r : MR);
-        kern_any(mr, gated, abuf + r * Kp, Kp, b, K2, C + (m0 + r) * ldc + nb * WN, ldc, bb, ncols);
-      }
-    }
-    free(abuf);
-  }
-  return err;
-}
-
 /* ---------------------------------------------------------------- fp32 weights (layers kept in fp32)
    Same tiling and epilogues; weights packed as [N/64][K][64] fp32; A is read in place (no conversion).
    Why not torch: at the model's shapes torch's fp32 matmul reached 118-188 GFLOP/s here, this 205-227. */
@@ -353,28 +307,32 @@ static void kern16_any(int mr, int gated, const int16_t* a, int64_t lda, const i
   }
 }
 
-/* C[M, N] = A[M, K] @ W^T + bias with A and W in int16 fixed point (W packed by l2v_pack_i16, scales Ws);
-   gated: as l2v_linear_f32. Returns 0, or 1 when a scratch buffer could not be allocated. */
-int l2v_linear_i16(const float* A, int64_t lda, int64_t M, int64_t K, const int16_t* Bp, const float* Ws,
-                   int64_t N, const float* bias, float* C, int64_t ldc, int64_t MB, int nthreads, int gated) {
+/* ---------------------------------------------------------------- 16-bit weights: one driver for both formats
+   Tasks are (row block, panel) pairs split evenly over the threads; each thread converts a block of MB rows of A
+   (to bf16, or to int16 with row scales when Ws is given) once and runs every panel it owns over it.
+   gated: W packs gate and up rows in alternating 32-row halves (N = 2 x outputs, no bias); C gets
+   silu(x @ gate^T) * (x @ up^T), N / 2 columns. Returns 0, or 1 when a scratch buffer could not be allocated. */
+static int linear16(const float* A, int64_t lda, int64_t M, int64_t K, const void* Bp, const float* Ws, int64_t N,
+                    const float* bias, float* C, int64_t ldc, int64_t MB, int nthreads, int gated) {
   int64_t K2 = (K + 1) / 2, Kp = 2 * K2, NB = (N + NR - 1) / NR, WN = gated ? NR / 2 : NR;
   if (MB <= 0) MB = 96;
   int64_t MBLK = (M + MB - 1) / MB;
   int64_t ntask = MBLK * NB;
+  const int i16 = Ws != NULL;
   float target = i16_norm_target(K);
   int err = 0;
 #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1)
   {
     int nt = omp_get_num_threads(), t = omp_get_thread_num();
     int64_t lo = ntask * t / nt, hi = ntask * (t + 1) / nt;
-    int16_t* abuf = NULL;
-    float* xs = NULL;
+    uint16_t* abuf = NULL;
+    float* xs = NULL; /* int16: the block's row scales, after its rows */
     if (hi > lo) {
-      abuf = (int16_t*)aligned_alloc(64, ((MB * Kp * 2 + MB * 4 + 63) / 64) * 64);
+      abuf = (uint16_t*)aligned_alloc(64, ((MB * Kp * 2 + (i16 ? MB * 4 : 0) + 63) / 64) * 64);
       if (!abuf) {
 #pragma omp atomic write
         err = 1;
-      } else {
+      } else if (i16) {
         xs = (float*)(abuf + MB * Kp);
       }
     }
@@ -383,22 +341,44 @@ int l2v_linear_i16(const float* A, int64_t lda, int64_t M, int64_t K, const int1
       int64_t mb = i / NB, nb = i % NB;
       int64_t m0 = mb * MB, mlen = M - m0 < MB ? M - m0 : MB;
       if (mb != cur) {
-        for (int64_t r = 0; r < mlen; ++r) xs[r] = quant_row(A + (m0 + r) * lda, abuf + r * Kp, K, K2, target);
+        for (int64_t r = 0; r < mlen; ++r) {
+          if (i16)
+            xs[r] = quant_row(A + (m0 + r) * lda, (int16_t*)abuf + r * Kp, K, K2, target);
+          else
+            cvt_row(A + (m0 + r) * lda, abuf + r * Kp, K, K2);
+        }
         cur = mb;
       }
       int64_t outs = gated ? N / 2 : N;
       int ncols = (int)(outs - nb * WN < WN ? outs - nb * WN : WN);
-      const int16_t* b = Bp + nb * K2 * NR * 2;
+      const uint16_t* b = (const uint16_t*)Bp + nb * K2 * NR * 2;
       const float* bb = bias && !gated ? bias + nb * NR : NULL;
       for (int64_t r = 0; r < mlen; r += MR) {
         int mr = (int)(mlen - r < MR ? mlen - r : MR);
-        kern16_any(mr, gated, abuf + r * Kp, Kp, b, K2, C + (m0 + r) * ldc + nb * WN, ldc, bb, ncols, xs + r,
-                   Ws + nb * NR);
+        float* c = C + (m0 + r) * ldc + nb * WN;
+        if (i16)
+          kern16_any(mr, gated, (const int16_t*)abuf + r * Kp, Kp, (const int16_t*)b, K2, c, ldc, bb, ncols, xs + r,
+                     Ws + nb * NR);
+        else
+          kern_any(mr, gated, abuf + r * Kp, Kp, b, K2, c, ldc, bb, ncols);
       }
     }
     free(abuf);
   }
   return err;
+}
+
+/* C[M, N] (fp32, row stride ldc) = A[M, K] (fp32, row stride lda) @ W^T + bias, W packed by linear.py's pack_weight.
+   A is rounded to bf16 (RNE), products are exact and accumulated in fp32. MB: rows converted per task. */
+int l2v_linear_f32(const float* A, int64_t lda, int64_t M, int64_t K, const uint16_t* Bp, int64_t N, const float* bias,
+                   float* C, int64_t ldc, int64_t MB, int nthreads, int gated) {
+  return linear16(A, lda, M, K, Bp, NULL, N, bias, C, ldc, MB, nthreads, gated);
+}
+
+/* The same with A and W in int16 fixed point (W packed by pack_i16, scales Ws); sums exact in int32. */
+int l2v_linear_i16(const float* A, int64_t lda, int64_t M, int64_t K, const int16_t* Bp, const float* Ws,
+                   int64_t N, const float* bias, float* C, int64_t ldc, int64_t MB, int nthreads, int gated) {
+  return linear16(A, lda, M, K, Bp, Ws, N, bias, C, ldc, MB, nthreads, gated);
 }
 
 /* ---------------------------------------------------------------- the whole gated MLP in one call
