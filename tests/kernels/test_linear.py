@@ -38,10 +38,11 @@ def test_matches_bf16_rounded_reference(m, k, n, with_bias):
 
 
 @needs_kernel
-def test_rows_do_not_depend_on_the_batch():
-    """One sequential fp32 sum per output: a row gives the same bits alone or among 200 others."""
+@pytest.mark.parametrize("fmt", ["bf16", "int16"])
+def test_rows_do_not_depend_on_the_batch(fmt):
+    """One sequential sum per output (int16: one scale per row): a row gives the same bits alone or among 200."""
     torch.manual_seed(0)
-    layer = Bf16Linear.from_module(torch.nn.Linear(576, 192))
+    layer = Bf16Linear.from_module(torch.nn.Linear(576, 192), fmt=fmt)
     x = torch.randn(200, 576)
     full = layer(x)
     for i in (0, 5, 6, 97, 199):
@@ -134,10 +135,12 @@ def test_compiles_as_one_graph():
 
 
 @needs_kernel
-def test_threads_give_identical_results():
+@pytest.mark.parametrize("fmt", ["bf16", "int16"])
+def test_threads_give_identical_results(fmt):
     torch.manual_seed(4)
-    layer = Bf16Linear.from_module(torch.nn.Linear(96, 130))
+    layer = Bf16Linear.from_module(torch.nn.Linear(96, 130), fmt=fmt)
     x = torch.randn(300, 96)
+    full = layer(x)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -146,7 +149,8 @@ def test_threads_give_identical_results():
         many = layer(x)
     finally:
         torch.set_num_threads(threads)
-    np.testing.assert_array_equal(one.numpy(), many.numpy())
+    np.testing.assert_array_equal(one.numpy(), full.numpy())
+    np.testing.assert_array_equal(many.numpy(), full.numpy())
 
 
 # ------------------------------------------------------------------------------------ the fused gated MLP
