@@ -324,6 +324,30 @@ def test_models_retrieve(client, server):
         bad.models.retrieve(NAME)
 
 
+def _bad_beside_good(batcher, good: list, bad, **kwargs) -> dict[str, object]:
+    """Two concurrent requests that share one collection window: "bad" (a good input and the poisoned one) and
+    "good"; each entry is the request's result or the exception it raised. Stops the batcher."""
+    results: dict[str, object] = {}
+
+    def one(name: str, items) -> None:
+        try:
+            results[name] = batcher.encode_sync(items, timeout=30, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            results[name] = exc
+
+    try:
+        threads = [threading.Thread(target=one, args=("bad", [good[0], bad])),
+                   threading.Thread(target=one, args=("good", good))]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(60)
+    finally:
+        batcher.stop()
+    return results
+
+
 def test_batcher_non_finite_row_fails_only_its_own_request(tiny_dir):
     """A text whose embedding is NaN (fp16 overflow on one input) fails its own request, not every other client's
     request that shared the forward pass with it."""
@@ -342,24 +366,7 @@ def test_batcher_non_finite_row_fails_only_its_own_request(tiny_dir):
 
     enc.forward = nan_where_sentinel
     batcher = MicroBatcher(enc, batch_wait_ms=500)
-    results: dict[str, object] = {}
-
-    def one(name: str, items) -> None:
-        try:
-            results[name] = batcher.encode_sync(items, timeout=30)
-        except Exception as exc:  # noqa: BLE001
-            results[name] = exc
-
-    try:
-        threads = [threading.Thread(target=one, args=("bad", [good[0], bad])),
-                   threading.Thread(target=one, args=("good", good))]
-        for t in threads:
-            t.start()
-            time.sleep(0.05)
-        for t in threads:
-            t.join(60)
-    finally:
-        batcher.stop()
+    results = _bad_beside_good(batcher, good, bad)
     assert isinstance(results["bad"], FloatingPointError), results["bad"]
     assert not isinstance(results["good"], Exception), results["good"]
     np.testing.assert_allclose(results["good"].numpy(), enc.encode(["fine text", "another fine one"]), atol=1e-5)
@@ -921,24 +928,9 @@ def test_batcher_per_token_strips_padding_on_either_side(tiny_dir):
     base.token_states = lambda batch: states(batch).masked_fill(
         (batch["input_ids"] == sentinel).any(-1)[:, None, None], float("nan"))
     batcher = MicroBatcher(base, batch_wait_ms=500)
-    results: dict[str, object] = {}
-
-    def one(name: str, items) -> None:
-        try:
-            results[name] = batcher.encode_sync(items, timeout=30, per_token=True)
-        except Exception as exc:  # noqa: BLE001
-            results[name] = exc
-
     try:
-        threads = [threading.Thread(target=one, args=("bad", [good[0], bad])),
-                   threading.Thread(target=one, args=("good", good))]
-        for t in threads:
-            t.start()
-            time.sleep(0.05)
-        for t in threads:
-            t.join(60)
+        results = _bad_beside_good(batcher, good, bad, per_token=True)
     finally:
-        batcher.stop()
         del base.token_states
     assert isinstance(results["bad"], FloatingPointError), results["bad"]
     assert batcher.batches == 1 and not isinstance(results["good"], Exception), results["good"]
