@@ -313,6 +313,11 @@ def _floats(scale: torch.Tensor | None) -> torch.Tensor | None:
     return None if scale is None else scale.view(torch.float32)
 
 
+def _format(packed: torch.Tensor, scale: torch.Tensor | None) -> str:
+    """A packed weight's format: fp32 bits (int32), int16 rows (with scales), or bf16 bits."""
+    return "fp32" if is_fp32_packed(packed) else ("int16" if scale is not None else "bf16")
+
+
 def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.double() * scale.double()[:, None]).float()
 
@@ -358,7 +363,7 @@ class Bf16Linear(nn.Module):
     @property
     def fmt(self) -> str:
         """The weight format: "bf16", "fp32" or "int16"."""
-        return "fp32" if is_fp32_packed(self.packed) else ("int16" if self.scale is not None else "bf16")
+        return _format(self.packed, self.scale)
 
     @property
     def fp32(self) -> bool:
@@ -487,7 +492,7 @@ class GatedMLP(nn.Module):
 
     @property
     def fmt(self) -> str:
-        return "fp32" if is_fp32_packed(self.gate_up) else ("int16" if self.gate_up_scale is not None else "bf16")
+        return _format(self.gate_up, self.gate_up_scale)
 
     @property
     def fp32(self) -> bool:
